@@ -1,0 +1,70 @@
+# tcpmon — `make run` and `make test` are the two commands a new user needs (as root).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST_ARCH := $(shell uname -m | sed -e 's/x86_64/x86/' -e 's/aarch64/arm64/' \
+		-e 's/armv.*/arm/' -e 's/riscv64/riscv/')
+TARGET_ARCH ?= $(HOST_ARCH)
+ARCHES := x86 arm64 arm riscv
+BPF_SRC := bpf/tcpconnect.bpf.c bpf/tcpmon.h bpf/kernel_types.h bpf/Makefile
+PKG_BPF_OBJ := tcpmon/data/tcpconnect.bpf.o
+STAMP := build/stamps
+PYTEST_ARGS ?=
+
+.DELETE_ON_ERROR:
+.PHONY: run test build bpf build-all arch-info lint bench test-kernels dev-setup deps install clean
+
+run: build
+	$(VENV)/bin/tcpmon run
+
+test: build
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+build: $(STAMP)/venv $(PKG_BPF_OBJ)
+
+dev-setup: build
+
+deps: $(STAMP)/deps
+
+$(STAMP)/deps: scripts/install-deps.sh scripts/apt-packages.txt
+	scripts/install-deps.sh
+	@mkdir -p $(@D) && touch $@
+
+# The venv is rebuilt when a Python dependency, the build or the Cython code changes.
+$(STAMP)/venv: $(STAMP)/deps setup.py requirements-dev.txt $(wildcard ext/*.pyx ext/*.pxd) bpf/tcpmon.h
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	@mkdir -p $(@D) && touch $@
+
+bpf: $(STAMP)/deps
+	$(MAKE) -C bpf TARGET_ARCH=$(TARGET_ARCH)
+
+build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o: $(BPF_SRC) $(STAMP)/deps
+	$(MAKE) -C bpf TARGET_ARCH=$(HOST_ARCH)
+
+$(PKG_BPF_OBJ): build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o
+	@mkdir -p $(@D)
+	cp $< $@
+
+build-all: $(STAMP)/deps
+	for arch in $(ARCHES); do $(MAKE) -C bpf TARGET_ARCH=$$arch || exit 1; done
+
+clean:
+	rm -rf build $(VENV) $(PKG_BPF_OBJ) ext/*.c tcpmon/*.so *.egg-info .pytest_cache
+
+lint: build
+	scripts/lint.sh
+
+bench: build
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
+
+arch-info:
+	@scripts/arch-info.sh
+
+test-kernels: build
+	kernels/run-matrix.sh
+
+install: build
+	scripts/install.sh

@@ -1,0 +1,325 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Raw bpf() access to tcpmon's pinned maps, links and programs (no libbpf in the read path)."""
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
+from libc.errno cimport EINVAL, ENOENT, EOPNOTSUPP
+from libc.string cimport memcpy, memset
+from posix.unistd cimport close
+
+from rawbpf cimport *
+
+import os
+
+from tcpmon.errors import MapLayoutError, bpf_error
+
+# Kernel-internal errno that BPF_MAP_LOOKUP_BATCH returns for maps without batch support.
+cdef int ENOTSUPP = 524
+cdef int BATCH_UNSUPPORTED = 1
+
+# The ABI, as bpf/tcpmon.h defines it.
+COMM_LEN = TCPMON_COMM_LEN
+PID_KEY_SIZE = sizeof(uint32_t)
+PID_VALUE_SIZE = sizeof(tcpmon_pid_value)
+COMM_KEY_SIZE = sizeof(tcpmon_comm_key)
+COUNTER_SIZE = sizeof(uint64_t)
+FAILURE_SLOTS = TCPMON_FAIL_SLOTS
+FAIL_CONNECTS = TCPMON_FAIL_CONNECTS
+FAIL_COMM_TOTALS = TCPMON_FAIL_COMM_TOTALS
+DEFAULT_MAX_PIDS = TCPMON_DEFAULT_MAX_PIDS
+DEFAULT_MAX_COMMS = TCPMON_DEFAULT_MAX_COMMS
+MAP_CONNECTS = TCPMON_MAP_CONNECTS.decode()
+MAP_COMM_TOTALS = TCPMON_MAP_COMM_TOTALS.decode()
+MAP_UPDATE_FAILURES = TCPMON_MAP_UPDATE_FAILURES.decode()
+PIN_CONNECT_LINK = TCPMON_PIN_CONNECT_LINK.decode()
+PIN_EXIT_LINK = TCPMON_PIN_EXIT_LINK.decode()
+PIN_CONNECT_PROG = TCPMON_PIN_CONNECT_PROG.decode()
+PIN_EXIT_PROG = TCPMON_PIN_EXIT_PROG.decode()
+
+MAP_TYPE_HASH = BPF_MAP_TYPE_HASH
+MAP_TYPE_ARRAY = BPF_MAP_TYPE_ARRAY
+MAP_TYPE_PERCPU_ARRAY = BPF_MAP_TYPE_PERCPU_ARRAY
+_PERCPU_TYPES = (BPF_MAP_TYPE_PERCPU_HASH, BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_LRU_PERCPU_HASH)
+_MAP_TYPE_NAMES = {BPF_MAP_TYPE_HASH: "hash", BPF_MAP_TYPE_ARRAY: "array",
+                   BPF_MAP_TYPE_PERCPU_HASH: "percpu_hash", BPF_MAP_TYPE_PERCPU_ARRAY: "percpu_array",
+                   BPF_MAP_TYPE_LRU_HASH: "lru_hash", BPF_MAP_TYPE_LRU_PERCPU_HASH: "lru_percpu_hash"}
+
+
+def possible_cpus(path="/sys/devices/system/cpu/possible"):
+    """How many per-CPU slots the kernel copies out for a per-CPU map ("0-3,5" -> 6)."""
+    with open(path) as f:
+        spec = f.read().strip()
+    highest = max(int(part.rpartition("-")[2]) for part in spec.split(","))
+    return highest + 1
+
+
+def map_type_name(unsigned int map_type):
+    return _MAP_TYPE_NAMES.get(map_type, f"type {map_type}")
+
+
+cdef int obj_get(object path, unsigned int flags) except -1:
+    cdef bytes cpath = os.fsencode(path)
+    cdef bpf_attr attr
+    cdef int fd
+    memset(&attr, 0, sizeof(attr))
+    attr.pathname = <uint64_t><uintptr_t><const char *>cpath
+    attr.file_flags = flags
+    with nogil:
+        fd = sys_bpf(BPF_OBJ_GET, &attr, sizeof(attr))
+    if fd < 0:
+        raise bpf_error("BPF_OBJ_GET", -fd, path)
+    return fd
+
+
+cdef int obj_info(int fd, void *info, uint32_t size, object path) except -1:
+    cdef bpf_attr attr
+    cdef int ret
+    memset(&attr, 0, sizeof(attr))
+    memset(info, 0, size)
+    attr.info.bpf_fd = fd
+    attr.info.info_len = size
+    attr.info.info = <uint64_t><uintptr_t>info
+    with nogil:
+        ret = sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &attr, sizeof(attr))
+    if ret < 0:
+        raise bpf_error("BPF_OBJ_GET_INFO_BY_FD", -ret, path)
+    return 0
+
+
+def pinned_link_info(path):
+    """type, id and prog_id of the link pinned at `path` (prog_id 0: detached)."""
+    cdef bpf_link_info info
+    cdef int fd = obj_get(path, BPF_F_RDONLY)
+    try:
+        obj_info(fd, &info, sizeof(info), path)
+    finally:
+        close(fd)
+    return {"type": info.type, "id": info.id, "prog_id": info.prog_id}
+
+
+def pinned_prog_info(path):
+    """id, name and (with kernel.bpf_stats_enabled=1) run time of the program pinned at `path`."""
+    cdef bpf_prog_info info
+    cdef int fd = obj_get(path, BPF_F_RDONLY)
+    try:
+        obj_info(fd, &info, sizeof(info), path)
+    finally:
+        close(fd)
+    return {"type": info.type, "id": info.id, "name": info.name.decode(errors="replace"),
+            "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt}
+
+
+cdef class BpfMap:
+    """A pinned map opened read-only: its layout, and whole-map reads into reused buffers.
+
+    The kernel writes keys and values straight into two preallocated buffers
+    sized from max_entries; `keys` and `values` are views of the last read.
+    """
+    cdef int fd
+    cdef readonly object path
+    cdef readonly unsigned int map_type
+    cdef readonly unsigned int map_id
+    cdef readonly unsigned int key_size
+    cdef readonly unsigned int value_size
+    cdef readonly unsigned int max_entries
+    cdef readonly str name
+    # bytes per value as the kernel copies it out (per-CPU maps: one slot per CPU)
+    cdef readonly unsigned int value_stride
+    # "auto" until the kernel refuses a batch lookup, then "iterate"
+    cdef readonly str read_mode
+    cdef bytearray _keys
+    cdef bytearray _values
+    cdef Py_ssize_t _count
+
+    def __cinit__(self, path, *, bint writable=False):
+        self.fd = -1
+        self.path = os.fspath(path)
+        self.fd = obj_get(self.path, 0 if writable else BPF_F_RDONLY)
+        cdef bpf_map_info info
+        obj_info(self.fd, &info, sizeof(info), self.path)
+        self.map_type = info.type
+        self.map_id = info.id
+        self.key_size = info.key_size
+        self.value_size = info.value_size
+        self.max_entries = info.max_entries
+        self.name = info.name.decode(errors="replace")
+        self.value_stride = self.value_size
+        if self.map_type in _PERCPU_TYPES:
+            self.value_stride = ((self.value_size + 7) // 8 * 8) * possible_cpus()
+        self.read_mode = "auto"
+        self._count = 0
+
+    def __dealloc__(self):
+        if self.fd >= 0:
+            close(self.fd)
+
+    def close(self):
+        """Idempotent."""
+        if self.fd >= 0:
+            close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def fileno(self):
+        return self.fd
+
+    def check_layout(self, unsigned int map_type, unsigned int key_size, unsigned int value_size):
+        """Raise MapLayoutError naming every difference from the layout tcpmon expects."""
+        diffs = []
+        if self.map_type != map_type:
+            diffs.append(f"type {map_type_name(self.map_type)}, expected {map_type_name(map_type)}")
+        if self.key_size != key_size:
+            diffs.append(f"key size {self.key_size}, expected {key_size}")
+        if self.value_size != value_size:
+            diffs.append(f"value size {self.value_size}, expected {value_size}")
+        if diffs:
+            raise MapLayoutError(f"pinned map {self.path} has {', '.join(diffs)}: "
+                                 "run 'tcpmon unload' and load again")
+
+    @property
+    def keys(self):
+        return memoryview(self._keys)[:self._count * self.key_size]
+
+    @property
+    def values(self):
+        return memoryview(self._values)[:self._count * self.value_stride]
+
+    @property
+    def count(self):
+        """Entries found by the last read()."""
+        return self._count
+
+    def read(self, mode=None):
+        """Read every entry; returns how many.  mode: "auto" (batch, and per-key
+        iteration from the first time the kernel refuses batch), "batch" or "iterate"."""
+        mode = mode or self.read_mode
+        if mode not in ("auto", "batch", "iterate"):
+            raise ValueError(f"read mode {mode!r}: use auto, batch or iterate")
+        self._ensure_buffers()
+        if self.fd < 0:
+            raise ValueError(f"map {self.path} is closed")
+        if mode == "iterate":
+            self._read_iterate()
+        elif self._read_batch() == BATCH_UNSUPPORTED:
+            if mode == "batch":
+                raise bpf_error("BPF_MAP_LOOKUP_BATCH", EOPNOTSUPP, self.path,
+                                "this kernel has no batch lookup for this map: use read mode 'iterate'")
+            self.read_mode = "iterate"
+            self._read_iterate()
+        return self._count
+
+    def lookup(self, bytes key):
+        """The value stored under `key`, or None."""
+        if len(key) != self.key_size:
+            raise ValueError(f"key of {len(key)} bytes for map {self.path} with key size {self.key_size}")
+        value = bytearray(self.value_stride)
+        cdef bpf_attr attr
+        cdef char *kbuf = key
+        cdef char *vbuf = value
+        cdef int ret
+        memset(&attr, 0, sizeof(attr))
+        attr.map_fd = self.fd
+        attr.key = <uint64_t><uintptr_t>kbuf
+        attr.value = <uint64_t><uintptr_t>vbuf
+        with nogil:
+            ret = sys_bpf(BPF_MAP_LOOKUP_ELEM, &attr, sizeof(attr))
+        if ret == -ENOENT:
+            return None
+        if ret < 0:
+            raise bpf_error("BPF_MAP_LOOKUP_ELEM", -ret, self.path)
+        return bytes(value)
+
+    def _ensure_buffers(self):
+        if self._keys is None:
+            self._keys = bytearray(self.max_entries * self.key_size)
+            self._values = bytearray(self.max_entries * self.value_stride)
+
+    cdef int _read_batch(self) except -1:
+        cdef bpf_attr attr
+        cdef char *keys = self._keys
+        cdef char *values = self._values
+        cdef uint64_t token[8]   # batch position: a bucket index for hash maps, a key for others
+        cdef uint64_t next_token[8]
+        cdef uint32_t total = 0
+        cdef uint32_t capacity = self.max_entries
+        cdef uint32_t ks = self.key_size, vs = self.value_stride
+        cdef int fd = self.fd
+        cdef int ret = 0
+        cdef bint first = True
+        if ks > sizeof(token):
+            return BATCH_UNSUPPORTED
+        with nogil:
+            while total < capacity:
+                memset(&attr, 0, sizeof(attr))
+                attr.batch.map_fd = fd
+                attr.batch.in_batch = 0 if first else <uint64_t><uintptr_t>token
+                attr.batch.out_batch = <uint64_t><uintptr_t>next_token
+                attr.batch.keys = <uint64_t><uintptr_t>(keys + <size_t>total * ks)
+                attr.batch.values = <uint64_t><uintptr_t>(values + <size_t>total * vs)
+                attr.batch.count = capacity - total
+                ret = sys_bpf(BPF_MAP_LOOKUP_BATCH, &attr, sizeof(attr))
+                if ret < 0 and ret != -ENOENT:
+                    break
+                total += attr.batch.count
+                if ret == -ENOENT:
+                    ret = 0
+                    break
+                memcpy(token, next_token, sizeof(token))
+                first = False
+        if first and (ret == -EINVAL or ret == -ENOTSUPP or ret == -EOPNOTSUPP):
+            return BATCH_UNSUPPORTED
+        if ret < 0:
+            raise bpf_error("BPF_MAP_LOOKUP_BATCH", -ret, self.path)
+        self._count = total
+        return 0
+
+    cdef int _read_iterate(self) except -1:
+        # Per-key walk.  A key deleted under us makes GET_NEXT_KEY restart from
+        # the first key, so keys already seen are skipped and the walk is bounded.
+        cdef bpf_attr attr
+        cdef char *keys = self._keys
+        cdef char *values = self._values
+        cdef uint32_t ks = self.key_size, vs = self.value_stride
+        cdef uint32_t n = 0, steps = 0, limit = 2 * self.max_entries + 1
+        cdef char *prev = NULL
+        cdef char *slot_key
+        cdef int fd = self.fd
+        cdef int ret
+        seen = set()
+        scratch = bytearray(ks)
+        cdef char *last = scratch
+        while n < self.max_entries and steps < limit:
+            steps += 1
+            slot_key = keys + <size_t>n * ks
+            memset(&attr, 0, sizeof(attr))
+            attr.map_fd = fd
+            attr.key = <uint64_t><uintptr_t>prev
+            attr.next_key = <uint64_t><uintptr_t>slot_key
+            with nogil:
+                ret = sys_bpf(BPF_MAP_GET_NEXT_KEY, &attr, sizeof(attr))
+            if ret == -ENOENT:
+                break
+            if ret < 0:
+                raise bpf_error("BPF_MAP_GET_NEXT_KEY", -ret, self.path)
+            scratch[:] = slot_key[:ks]
+            prev = last
+            key = bytes(scratch)
+            if key in seen:
+                continue
+            memset(&attr, 0, sizeof(attr))
+            attr.map_fd = fd
+            attr.key = <uint64_t><uintptr_t>slot_key
+            attr.value = <uint64_t><uintptr_t>(values + <size_t>n * vs)
+            with nogil:
+                ret = sys_bpf(BPF_MAP_LOOKUP_ELEM, &attr, sizeof(attr))
+            if ret == -ENOENT:
+                continue  # deleted between the two calls
+            if ret < 0:
+                raise bpf_error("BPF_MAP_LOOKUP_ELEM", -ret, self.path)
+            seen.add(key)
+            n += 1
+        self._count = n
+        return 0
