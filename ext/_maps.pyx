@@ -87,7 +87,7 @@ cdef int obj_info(int fd, void *info, uint32_t size, object path) except -1:
 def pinned_link_info(path):
     """type, id and prog_id of the link pinned at `path` (prog_id 0: detached)."""
     cdef bpf_link_info info
-    cdef int fd = obj_get(path, BPF_F_RDONLY)
+    cdef int fd = obj_get(path, 0)  # the kernel opens links read-write only
     try:
         obj_info(fd, &info, sizeof(info), path)
     finally:

@@ -1,15 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""The exposition hot path: the per-PID family rendered from the reader's raw buffers.
+"""The exposition hot path: the two big families rendered from the reader's raw buffers.
 
-A kernel comm is up to 15 arbitrary bytes.  Label values must be UTF-8, so
-valid UTF-8 passes through and every other byte becomes the text \\xNN.
+A kernel comm is up to 15 arbitrary bytes; label values must be UTF-8 and two
+comms must never share a label (duplicate series).  So valid UTF-8 passes
+through, and a backslash, a control character or any byte that is not valid
+UTF-8 becomes the text \\xNN: the mapping is one-to-one.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from rawbpf cimport TCPMON_COMM_LEN, tcpmon_pid_value
+from rawbpf cimport TCPMON_COMM_LEN, tcpmon_comm_key, tcpmon_pid_value
 
 cdef const char *HEX = b"0123456789abcdef"
 cdef enum:
@@ -36,6 +38,19 @@ cdef inline size_t utf8_sequence_length(const unsigned char *s, size_t left) noe
     return need
 
 
+cdef inline size_t put_hex_byte(char *out, unsigned char c, bint escape) noexcept nogil:
+    """The text \\xNN (its backslash doubled for exposition when `escape`)."""
+    cdef size_t o = 0
+    if escape:
+        out[0] = c'\\'
+        o = 1
+    out[o] = c'\\'
+    out[o + 1] = c'x'
+    out[o + 2] = HEX[c >> 4]
+    out[o + 3] = HEX[c & 15]
+    return o + 4
+
+
 cdef size_t put_comm(char *out, const unsigned char *comm, bint escape) noexcept nogil:
     """Write the label text of a NUL-terminated comm; with `escape`, in exposition escaping."""
     cdef size_t length = 0, i = 0, o = 0, seq
@@ -45,13 +60,11 @@ cdef size_t put_comm(char *out, const unsigned char *comm, bint escape) noexcept
     while i < length:
         c = comm[i]
         if c < 0x80:
-            if escape and (c == c'\\' or c == c'"'):
+            if c == c'\\' or c < 0x20 or c == 0x7f:
+                o += put_hex_byte(out + o, c, escape)
+            elif escape and c == c'"':
                 out[o] = c'\\'
                 out[o + 1] = c
-                o += 2
-            elif escape and c == c'\n':
-                out[o] = c'\\'
-                out[o + 1] = c'n'
                 o += 2
             else:
                 out[o] = c
@@ -64,14 +77,7 @@ cdef size_t put_comm(char *out, const unsigned char *comm, bint escape) noexcept
             o += seq
             i += seq
             continue
-        if escape:
-            out[o] = c'\\'
-            o += 1
-        out[o] = c'\\'
-        out[o + 1] = c'x'
-        out[o + 2] = HEX[c >> 4]
-        out[o + 3] = HEX[c & 15]
-        o += 4
+        o += put_hex_byte(out + o, c, escape)
         i += 1
     return o
 
@@ -100,42 +106,83 @@ def comm_label(bytes comm):
     return text[:put_comm(text, padded, False)].decode("utf-8")
 
 
+cdef class _Output:
+    """A malloc'd buffer sized for the worst case, turned into bytes at the end."""
+    cdef char *buf
+    cdef size_t used
+
+    def __cinit__(self, size_t capacity):
+        self.buf = <char *>malloc(capacity if capacity else 1)
+        if self.buf == NULL:
+            raise MemoryError()
+        self.used = 0
+
+    def __dealloc__(self):
+        free(self.buf)
+
+    cdef inline void put(self, const char *text, size_t n) noexcept nogil:
+        memcpy(self.buf + self.used, text, n)
+        self.used += n
+
+    cdef bytes take(self):
+        return PyBytes_FromStringAndSize(self.buf, self.used)
+
+
+cdef inline size_t line_capacity(bytes name, Py_ssize_t count):
+    # name{comm="<comm>",pid="<u32>"} <u64>\n
+    return (len(name) + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT) * count
+
+
+cdef void check_buffers(const unsigned char[::1] keys, size_t key_size,
+                        const unsigned char[::1] values, size_t value_size, Py_ssize_t count) except *:
+    if count < 0 or <size_t>keys.shape[0] < count * key_size \
+            or <size_t>values.shape[0] < count * value_size:
+        raise ValueError(f"buffers too small for {count} entries")
+
+
 def render_pid_series(bytes name, const unsigned char[::1] keys,
                       const unsigned char[::1] values, Py_ssize_t count):
-    """Sample lines `name{comm="...",pid="N"} connects` for `count` connects-map entries."""
-    cdef const char *cname = name
-    cdef size_t name_len = len(name)
-    cdef size_t line_max = name_len + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT
-    cdef size_t used = 0
-    cdef Py_ssize_t i
-    cdef const uint32_t *pids
-    cdef const tcpmon_pid_value *entries
-    if count < 0 or keys.shape[0] < count * sizeof(uint32_t) \
-            or values.shape[0] < count * sizeof(tcpmon_pid_value):
-        raise ValueError(f"buffers too small for {count} connects entries")
+    """Sample lines `name{comm="...",pid="N"} connects` from `count` entries of the connects map."""
+    check_buffers(keys, sizeof(uint32_t), values, sizeof(tcpmon_pid_value), count)
     if count == 0:
         return b""
-    pids = <const uint32_t *>&keys[0]
-    entries = <const tcpmon_pid_value *>&values[0]
-    cdef char *out = <char *>malloc(line_max * count)
-    if out == NULL:
-        raise MemoryError()
-    try:
-        with nogil:
-            for i in range(count):
-                memcpy(out + used, cname, name_len)
-                used += name_len
-                memcpy(out + used, b'{comm="', 7)
-                used += 7
-                used += put_comm(out + used, <const unsigned char *>entries[i].comm, True)
-                memcpy(out + used, b'",pid="', 7)
-                used += 7
-                used += put_u64(out + used, pids[i])
-                memcpy(out + used, b'"} ', 3)
-                used += 3
-                used += put_u64(out + used, entries[i].connects)
-                out[used] = c'\n'
-                used += 1
-        return PyBytes_FromStringAndSize(out, used)
-    finally:
-        free(out)
+    cdef const uint32_t *pids = <const uint32_t *>&keys[0]
+    cdef const tcpmon_pid_value *entries = <const tcpmon_pid_value *>&values[0]
+    cdef const char *cname = name
+    cdef size_t name_len = len(name)
+    cdef Py_ssize_t i
+    cdef _Output out = _Output(line_capacity(name, count))
+    with nogil:
+        for i in range(count):
+            out.put(cname, name_len)
+            out.put('{comm="', 7)
+            out.used += put_comm(out.buf + out.used, <const unsigned char *>entries[i].comm, True)
+            out.put('",pid="', 7)
+            out.used += put_u64(out.buf + out.used, pids[i])
+            out.put('"} ', 3)
+            out.used += put_u64(out.buf + out.used, entries[i].connects)
+            out.put('\n', 1)
+    return out.take()
+
+
+def render_comm_series(bytes name, const unsigned char[::1] keys,
+                       const unsigned char[::1] values, Py_ssize_t count):
+    """Sample lines `name{comm="..."} total` from `count` entries of the comm_totals map."""
+    check_buffers(keys, sizeof(tcpmon_comm_key), values, sizeof(uint64_t), count)
+    if count == 0:
+        return b""
+    cdef const tcpmon_comm_key *comms = <const tcpmon_comm_key *>&keys[0]
+    cdef const uint64_t *totals = <const uint64_t *>&values[0]
+    cdef const char *cname = name
+    cdef size_t name_len = len(name)
+    cdef Py_ssize_t i
+    cdef _Output out = _Output(line_capacity(name, count))
+    with nogil:
+        for i in range(count):
+            out.put(cname, name_len)
+            out.put('{comm="', 7)
+            out.used += put_comm(out.buf + out.used, <const unsigned char *>comms[i].comm, True)
+            out.put('"} ', 3)
+            out.used += put_u64(out.buf + out.used, totals[i])
+            out.put('\n', 1)
+    return out.take()

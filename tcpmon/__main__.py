@@ -1,0 +1,5 @@
+import sys
+
+from tcpmon.cli import main
+
+sys.exit(main())

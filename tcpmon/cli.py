@@ -1,0 +1,214 @@
+"""The tcpmon command: load | unload | status | dump | serve | run.
+
+Every flag has an environment twin (TCPMON_<FLAG>); a flag given on the
+command line wins.  Errors are one line on stderr and a non-zero exit.
+"""
+import argparse
+import json
+import logging
+import os
+import struct
+import sys
+
+from tcpmon import __version__, probe
+from tcpmon.errors import TcpmonError, describe
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+_READ_MODES = ("auto", "batch", "iterate")
+_PID_ENTRY = struct.Struct("=Q16s")
+
+
+def _env(flag):
+    return "TCPMON_" + flag.lstrip("-").upper().replace("-", "_")
+
+
+def _positive_int(text):
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return int(text)
+
+
+def _option(parser, flag, default, help, **kwargs):
+    """A flag whose default comes from its TCPMON_* twin, then from `default`."""
+    env = _env(flag)
+    value = os.environ.get(env, default)
+    parser.add_argument(flag, default=value, help=f"{help} (env {env}; default: {default})", **kwargs)
+
+
+def _common(parser):
+    _option(parser, "--pin-dir", probe.DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
+    _option(parser, "--log-level", "info", "log verbosity", choices=_LOG_LEVELS)
+
+
+def _load_options(parser):
+    _option(parser, "--attach", "auto", "connect hook; auto tries fentry, kprobe, tp_btf, tracepoint in order",
+            choices=("auto",) + probe.ATTACH_MODES)
+    _option(parser, "--bpf-object", None, "BPF object to load (default: the one shipped in the package)")
+    _option(parser, "--max-pids", None, "capacity of the per-PID map (processes with connects alive at once)",
+            type=_positive_int)
+    _option(parser, "--max-comms", None, "capacity of the per-comm totals map", type=_positive_int)
+
+
+def _serve_options(parser):
+    _option(parser, "--metrics-addr", "0.0.0.0:9090", "HOST:PORT serving /metrics")
+    _option(parser, "--health-addr", "0.0.0.0:8080", "HOST:PORT serving /liveness, /readiness, /health")
+    _option(parser, "--workers", 1, "gunicorn worker processes", type=_positive_int)
+    _option(parser, "--threads", 8, "threads per worker", type=_positive_int)
+    _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
+            choices=_READ_MODES)
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="tcpmon", description="Count TCP connect attempts per process "
+                                     "with eBPF and serve them to Prometheus.")
+    parser.add_argument("--version", action="version", version=f"tcpmon {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    load = commands.add_parser("load", help="load and attach the probe, pin it, exit")
+    _common(load)
+    _load_options(load)
+    load.add_argument("--foreground", action="store_true",
+                      help="keep the probe attached only while this process runs (kernels that cannot pin links)")
+
+    unload = commands.add_parser("unload", help="detach the probe and remove its pins")
+    _common(unload)
+
+    status = commands.add_parser("status", help="show what is loaded")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON")
+
+    dump = commands.add_parser("dump", help="print one read of the per-PID map")
+    _common(dump)
+    dump.add_argument("--json", action="store_true", help="print JSON")
+    _option(dump, "--read-mode", "auto", "map read method", choices=_READ_MODES)
+
+    serve = commands.add_parser("serve", help="serve /metrics and health (needs only CAP_BPF)")
+    _common(serve)
+    _serve_options(serve)
+
+    run = commands.add_parser("run", help="load if needed, then serve in the foreground")
+    _common(run)
+    _load_options(run)
+    _serve_options(run)
+    return parser
+
+
+def cmd_load(args):
+    from tcpmon import loader
+    result = loader.load(args.pin_dir, args.attach, args.bpf_object, args.max_pids, args.max_comms,
+                         foreground=getattr(args, "foreground", False))
+    if result.already_loaded:
+        print(f"tcpmon: already attached in mode {result.mode} under {result.pin_dir}")
+    else:
+        print(f"tcpmon: attached in mode {result.mode} under {result.pin_dir}")
+    for mode, why in result.skipped.items():
+        print(f"tcpmon: skipped {mode}: {why}")
+    if getattr(args, "foreground", False):
+        print("tcpmon: holding the probe until SIGTERM or SIGINT")
+        sys.stdout.flush()
+        loader.hold(result)
+    return 0
+
+
+def cmd_unload(args):
+    from tcpmon import loader
+    removed = loader.unload(args.pin_dir)
+    print(f"tcpmon: removed {len(removed)} pins from {args.pin_dir}" if removed
+          else f"tcpmon: nothing pinned under {args.pin_dir}")
+    return 0
+
+
+def _fill(pins, spec):
+    try:
+        with probe.open_map(pins, spec) as bpf_map:
+            return {"entries": bpf_map.read(), "max_entries": bpf_map.max_entries}
+    except (TcpmonError, OSError) as exc:
+        return {"error": describe(exc)}
+
+
+def cmd_status(args):
+    pins = probe.Pins(args.pin_dir)
+    state = probe.inspect(pins)
+    report = {"pin_dir": str(pins.dir), "attached": state.attached, "attach_mode": state.mode,
+              "problem": state.problem, "programs": state.programs, "links": state.links,
+              "maps": {spec.name: _fill(pins, spec) for spec in (probe.CONNECTS, probe.COMM_TOTALS)},
+              "bpf_stats_enabled": probe.bpf_stats_enabled()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        _print_status(report)
+    return 0 if state.attached else 3
+
+
+def _print_status(report):
+    print(f"pin dir:     {report['pin_dir']}")
+    print(f"attached:    {'yes, mode ' + report['attach_mode'] if report['attached'] else 'no'}")
+    if report["problem"]:
+        print(f"problem:     {report['problem']}")
+    for pin, info in report["programs"].items():
+        print(f"program:     {pin} id {info['id']} ({info['name']})")
+    for pin, info in report["links"].items():
+        print(f"link:        {pin} id {info['id']} -> program {info['prog_id']}")
+    for name, fill in report["maps"].items():
+        text = fill.get("error") or f"{fill['entries']} / {fill['max_entries']} entries"
+        print(f"map:         {name}: {text}")
+    print(f"bpf stats:   {'on' if report['bpf_stats_enabled'] else 'off (sysctl -w kernel.bpf_stats_enabled=1)'}")
+
+
+def read_pid_entries(pin_dir, read_mode="auto"):
+    """[{pid, comm, connects}] from one read of the per-PID map, sorted by pid."""
+    from tcpmon._render import comm_label
+    with probe.open_map(probe.Pins(pin_dir), probe.CONNECTS) as bpf_map:
+        count = bpf_map.read(read_mode)
+        pids = struct.unpack(f"={count}I", bpf_map.keys)
+        values = _PID_ENTRY.iter_unpack(bpf_map.values)
+        entries = [{"pid": pid, "comm": comm_label(comm), "connects": connects}
+                   for pid, (connects, comm) in zip(pids, values)]
+    return sorted(entries, key=lambda entry: entry["pid"])
+
+
+def cmd_dump(args):
+    entries = read_pid_entries(args.pin_dir, args.read_mode)
+    if args.json:
+        print(json.dumps(entries))
+        return 0
+    print(f"{'PID':>8}  {'COMM':<16}  CONNECTS")
+    for entry in entries:
+        print(f"{entry['pid']:>8}  {entry['comm']:<16}  {entry['connects']}")
+    return 0
+
+
+def cmd_serve(args):
+    from tcpmon.server import Exporter
+    Exporter(args.pin_dir, args.metrics_addr, args.health_addr, workers=args.workers,
+             threads=args.threads, log_level=args.log_level, read_mode=args.read_mode).run()
+    return 0
+
+
+def cmd_run(args):
+    cmd_load(args)
+    return cmd_serve(args)
+
+
+COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump": cmd_dump,
+            "serve": cmd_serve, "run": cmd_run}
+
+
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="tcpmon: %(levelname)s: %(message)s")
+    if args.log_level == "debug" and args.command in ("load", "run"):
+        from tcpmon import _libbpf
+        _libbpf.set_debug(True)
+    try:
+        return COMMANDS[args.command](args)
+    except (TcpmonError, OSError, ValueError) as exc:
+        print(f"tcpmon: {describe(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

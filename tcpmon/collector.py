@@ -1,0 +1,153 @@
+"""Reads the pinned maps at scrape time into an immutable Snapshot.
+
+One Collector per worker process.  Concurrent scrapes share one read, a
+failing map read degrades only its own families (and is counted), and a map
+replaced by unload + load is reopened on the next scrape.
+"""
+import logging
+import os
+import struct
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from tcpmon import probe
+from tcpmon.errors import describe
+
+log = logging.getLogger("tcpmon.collector")
+
+_PER_CPU_COUNTER = struct.Struct("=Q")
+
+
+@dataclass(frozen=True)
+class MapRead:
+    """One map's entries as the kernel laid them out (bytes, so later reads can't change them)."""
+    keys: bytes
+    values: bytes
+    count: int
+    max_entries: int
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    connects: MapRead = None        # None: the map could not be read (see read_errors)
+    comm_totals: MapRead = None
+    update_failures: dict = None    # map name -> failed inserts summed over CPUs
+    read_errors: dict = field(default_factory=dict)  # map name -> failed reads since start
+    probe_state: probe.ProbeState = None
+    bpf_stats_enabled: bool = False
+    duration: float = 0.0
+    last_error: str = None
+
+
+class Collector:
+    def __init__(self, pin_dir=probe.DEFAULT_PIN_DIR, read_mode="auto"):
+        self.pins = probe.Pins(pin_dir)
+        self.read_mode = read_mode
+        self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
+        self._read_errors = Counter()
+        self._last_error = None
+        self._cond = threading.Condition()
+        self._reading = False
+        self._latest = None
+
+    def snapshot(self):
+        """A fresh read; a scrape that arrives while another reads gets that read's result."""
+        with self._cond:
+            if self._reading:
+                latest = self._latest
+                self._cond.wait_for(lambda: self._latest is not latest)
+                return self._latest
+            self._reading = True
+        snapshot = None
+        try:
+            snapshot = self._read()
+        finally:
+            with self._cond:
+                self._reading = False
+                self._latest = snapshot or Snapshot(last_error="read failed")
+                self._cond.notify_all()
+        return snapshot
+
+    def readiness_problem(self):
+        """Why the exporter is not ready (no probe attached, map missing or wrong), or None."""
+        state = probe.inspect(self.pins)
+        if not state.attached:
+            return state.problem
+        try:
+            self._map(probe.CONNECTS)
+        except Exception as exc:
+            return describe(exc)
+        return None
+
+    def close(self):
+        for bpf_map, _ in self._open.values():
+            bpf_map.close()
+        self._open.clear()
+
+    def _map(self, spec):
+        """The open map for `spec`, reopened when its pin now names another map."""
+        path = self.pins.map(spec)
+        try:
+            st = os.stat(path)
+            identity = (st.st_dev, st.st_ino)
+        except FileNotFoundError:
+            identity = None
+        cached = self._open.get(spec.name)
+        if cached and cached[1] == identity:
+            return cached[0]
+        if cached:
+            cached[0].close()
+            del self._open[spec.name]
+        bpf_map = probe.open_map(self.pins, spec)
+        self._open[spec.name] = (bpf_map, identity)
+        return bpf_map
+
+    def _read_map(self, spec):
+        try:
+            bpf_map = self._map(spec)
+            count = bpf_map.read(self.read_mode)
+            return MapRead(bytes(bpf_map.keys), bytes(bpf_map.values), count, bpf_map.max_entries)
+        except Exception as exc:
+            self._failed(spec, exc)
+            return None
+
+    def _read_failures(self):
+        try:
+            bpf_map = self._map(probe.UPDATE_FAILURES)
+            bpf_map.read(self.read_mode)
+        except Exception as exc:
+            self._failed(probe.UPDATE_FAILURES, exc)
+            return None
+        per_map = (probe.CONNECTS.name, probe.COMM_TOTALS.name)
+        values = bytes(bpf_map.values)
+        stride = bpf_map.value_stride
+        totals = {}
+        for slot in range(min(bpf_map.count, len(per_map))):
+            cpus = values[slot * stride:(slot + 1) * stride]
+            totals[per_map[slot]] = sum(n for (n,) in _PER_CPU_COUNTER.iter_unpack(cpus))
+        return totals
+
+    def _failed(self, spec, exc):
+        self._read_errors[spec.name] += 1
+        message = describe(exc)
+        if message != self._last_error:
+            log.warning("reading %s failed: %s", spec.name, message)
+        self._last_error = message
+        stale = self._open.pop(spec.name, None)
+        if stale:
+            stale[0].close()
+
+    def _read(self):
+        started = time.perf_counter()
+        connects = self._read_map(probe.CONNECTS)
+        comm_totals = self._read_map(probe.COMM_TOTALS)
+        failures = self._read_failures()
+        state = probe.inspect(self.pins)
+        if connects and comm_totals and failures is not None:
+            self._last_error = None
+        return Snapshot(connects=connects, comm_totals=comm_totals, update_failures=failures,
+                        read_errors=dict(self._read_errors), probe_state=state,
+                        bpf_stats_enabled=probe.bpf_stats_enabled(),
+                        duration=time.perf_counter() - started, last_error=self._last_error)
