@@ -36,7 +36,8 @@ if ! mount -t 9p -o "$ninep" results /results; then
 	say "cannot mount the results share (9p tag results)"
 	finish 91
 fi
-# job.env: TCPMON_PYTHON, TCPMON_SMOKE, TCPMON_SMOKE_ARGS, TCPMON_REPO, TCPMON_REPO_TAG
+# job.env (kernels/run-matrix.sh writes it): TCPMON_PYTHON, TCPMON_PYTHONPATH,
+# TCPMON_SMOKE, TCPMON_SMOKE_ARGS, TCPMON_REPO, TCPMON_REPO_TAG
 # shellcheck disable=SC1091
 . /results/job.env
 
@@ -48,7 +49,7 @@ mount -t tmpfs tmpfs /newroot/dev/shm
 mount -t bpf bpf /newroot/sys/fs/bpf
 mount -t tracefs tracefs /newroot/sys/kernel/tracing 2>/dev/null || say "no tracefs"
 mount -t debugfs debugfs /newroot/sys/kernel/debug 2>/dev/null || true
-for dir in tmp run var/tmp root; do
+for dir in tmp run var/tmp; do
 	[ -d "/newroot/$dir" ] && mount -t tmpfs tmpfs "/newroot/$dir"
 done
 if [ -n "${TCPMON_REPO_TAG:-}" ]; then
@@ -61,8 +62,9 @@ ip link set lo up
 
 say "kernel $(uname -r) $(uname -m), running the smoke"
 # The chroot sees only what the shared root has: env -i drops the initramfs PATH.
-chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/root \
-	LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+# shellcheck disable=SC2086 # TCPMON_SMOKE_ARGS is a list of words
+chroot /newroot /usr/bin/env -i PATH=/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin HOME=/tmp \
+	LANG=C.UTF-8 PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 ${TCPMON_PYTHONPATH:+PYTHONPATH=$TCPMON_PYTHONPATH} \
 	"$TCPMON_PYTHON" "$TCPMON_SMOKE" --results /tmp/results $TCPMON_SMOKE_ARGS
 rc=$?
 umount /newroot/tmp/results 2>/dev/null

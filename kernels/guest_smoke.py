@@ -99,7 +99,8 @@ class Guest:
                   "comm_ok": None, "attached_mode": None, "link_type": None, "loader_exited": None,
                   "pid_dropped_on_exit": None, "unloaded": None, "errors": [], "seconds": {}}
         started = time.monotonic()
-        proc, result["seconds"]["load"] = self.run("load", "--pin-dir", pin_dir, "--attach", mode)
+        extra = ["--bpf-object", self.args.bpf_object] if self.args.bpf_object else []
+        proc, result["seconds"]["load"] = self.run("load", "--pin-dir", pin_dir, "--attach", mode, *extra)
         result["load_output"] = (proc.stdout + proc.stderr).strip()[-2000:]
         if proc.returncode != 0:
             result["load_failed"] = True
@@ -263,6 +264,7 @@ def main():
     parser.add_argument("--connector", nargs=2, type=int, metavar=("PORT", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--results", help="directory for results.jsonl")
     parser.add_argument("--modes", default="kprobe,fentry,tp_btf,tracepoint")
+    parser.add_argument("--bpf-object", help="passed to tcpmon load (default: the package's object)")
     parser.add_argument("--connects", default="5-40",
                         help="N connects per mode, or LOW-HIGH for a random N per mode")
     args = parser.parse_args()

@@ -1,0 +1,222 @@
+"""Judges the kernel-matrix guests' results and writes the markdown table.
+
+    python3 kernels/report.py --output docs/KERNELS.md RUNDIR...
+
+Each RUNDIR (.cache/kernels/runs/<label>/) holds meta.env (written by
+run-matrix.sh), results.jsonl (written by kernels/guest_smoke.py in the guest)
+and console.log.  A mode passes when `tcpmon dump` and the exporter both show
+exactly the expected connects for the connector's PID and comm, the PID leaves
+the map when the connector exits, and unload frees everything.  A mode that is
+not must-work may fail to load ("not supported"); any other failure, a guest
+that did not finish, or a missing result fails the run (exit 1).
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+MODES_ORDER = ("kprobe", "fentry", "tp_btf", "tracepoint", "auto")
+
+
+def read_meta(rundir):
+    meta = {}
+    try:
+        with open(os.path.join(rundir, "meta.env")) as f:
+            for line in f:
+                key, sep, value = line.rstrip("\n").partition("=")
+                if sep:
+                    meta[key] = value
+    except FileNotFoundError:
+        pass
+    return meta
+
+
+def read_results(rundir):
+    facts, results = {}, []
+    try:
+        with open(os.path.join(rundir, "results.jsonl")) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a guest that died mid-write
+                if "facts" in record:
+                    facts = record["facts"]
+                else:
+                    results.append(record)
+    except FileNotFoundError:
+        pass
+    return facts, results
+
+
+def console_done(rundir):
+    try:
+        with open(os.path.join(rundir, "console.log"), errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None, ""
+    marker = "TCPMON-GUEST-DONE rc="
+    at = text.rfind(marker)
+    if at < 0:
+        return None, text[-1500:]
+    return text[at + len(marker):].split()[0], text[-1500:]
+
+
+def judge(result, must_work):
+    """(verdict, reasons): PASS, FAIL or UNSUPPORTED."""
+    mode, expected = result["mode"], result.get("expected")
+    required = mode in must_work or (mode == "auto" and bool(must_work))
+    if result.get("load_failed"):
+        if required:
+            return "FAIL", [f"load failed: {last_line(result.get('load_output', ''))}"]
+        return "UNSUPPORTED", [last_line(result.get("load_output", ""))]
+    reasons = []
+    if result.get("dump") != expected:
+        reasons.append(f"dump counted {result.get('dump')}, expected {expected}")
+    if result.get("metrics") != expected:
+        reasons.append(f"exporter showed {result.get('metrics')}, expected {expected}")
+    if result.get("comm_total") not in (None, expected):
+        reasons.append(f"per-comm total {result.get('comm_total')}, expected {expected}")
+    if result.get("comm_ok") is not True:
+        reasons.append("comm in the map is not the connector's")
+    if result.get("pid_dropped_on_exit") is not True:
+        reasons.append("PID not dropped when the connector exited")
+    if result.get("unloaded") is not True:
+        reasons.append("unload left pins or programs behind")
+    reasons += [e for e in result.get("errors", []) if e not in reasons]
+    return ("FAIL" if reasons else "PASS"), reasons
+
+
+def last_line(text):
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def cell(value, expected):
+    return "–" if value is None else f"{value}/{expected}"
+
+
+def evaluate(rundirs):
+    rows, failures, kernels = [], [], []
+    for rundir in rundirs:
+        meta = read_meta(rundir)
+        facts, results = read_results(rundir)
+        done_rc, console_tail = console_done(rundir)
+        label = meta.get("label", os.path.basename(rundir))
+        must = [m for m in meta.get("must", "").split(",") if m]
+        kernel = facts.get("release") or meta.get("release", "?")
+        kernels.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
+                        "machine": facts.get("machine", "?"), "suite": meta.get("suite", "?"),
+                        "packages": meta.get("packages", "").strip(), "seconds": meta.get("boot_seconds", "?"),
+                        "qemu": meta.get("qemu", "?"), "facts": facts})
+        seen = set()
+        for result in results:
+            verdict, reasons = judge(result, must)
+            seen.add(result["mode"])
+            rows.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"), "result": result,
+                         "verdict": verdict, "reasons": reasons})
+            if verdict == "FAIL":
+                failures.append(f"{label} {result['mode']}: {'; '.join(reasons)}")
+        missing = [m for m in must if m not in seen]
+        if done_rc is None or done_rc != "0" or missing or not results:
+            why = []
+            if meta.get("qemu_rc") == "124":
+                why.append("guest hung (timeout)")
+            if done_rc is None:
+                why.append(f"guest did not finish (qemu exit {meta.get('qemu_rc', '?')})")
+            elif done_rc != "0":
+                why.append(f"smoke exited {done_rc}")
+            if missing:
+                why.append(f"no result for {', '.join(missing)}")
+            if why:
+                failures.append(f"{label}: {'; '.join(why)}; console tail:\n{console_tail}")
+                rows.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
+                             "result": {"mode": ", ".join(missing) or "–"}, "verdict": "FAIL",
+                             "reasons": why})
+    return rows, failures, kernels
+
+
+def markdown(rows, kernels, failures):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    out = ["# Kernel matrix", "",
+           "Generated by `make test-kernels` (`kernels/run-matrix.sh`, judged by `kernels/report.py`) "
+           f"on {now}; do not edit by hand.",
+           "",
+           "Each guest is a Debian kernel booted under qemu with TCG (no KVM) and no network device. "
+           "For every attach mode the smoke runs `tcpmon load --attach MODE` (the loader exits), "
+           "then a process named `tcpmon-smoke` makes N TCP connects to a loopback listener "
+           "(N random per mode), then `tcpmon dump --json` and the `/metrics` of `tcpmon serve` must "
+           "both show exactly N for that PID; the PID must leave the map when the process exits, and "
+           "`tcpmon unload` must remove the pins and free the programs.",
+           "",
+           "Cells are counted/expected.  Every connect happens after `tcpmon load` has exited, so a "
+           "passing row also proves the pinned link keeps counting without the loader.",
+           "",
+           "| kernel | arch | attach mode | link | `tcpmon dump` | exporter | per-comm total | "
+           "PID dropped on exit | unload | result |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    order = {m: i for i, m in enumerate(MODES_ORDER)}
+    for row in sorted(rows, key=lambda r: (r["label"], order.get(r["result"].get("mode"), 99))):
+        r = row["result"]
+        expected = r.get("expected")
+        mode = r.get("mode", "?")
+        if mode == "auto" and r.get("attached_mode"):
+            mode = f"auto → {r['attached_mode']}"
+        verdict = row["verdict"]
+        if verdict == "UNSUPPORTED":
+            verdict = f"not supported: {row['reasons'][0]}" if row["reasons"] else "not supported"
+        elif verdict == "FAIL":
+            verdict = "**FAIL**: " + "; ".join(row["reasons"])
+        yes_no = {True: "yes", False: "**no**", None: "–"}
+        total = r.get("comm_total")
+        out.append("| " + " | ".join([
+            f"{row['kernel']}", row["arch"], mode, r.get("link_type") or "–",
+            cell(r.get("dump"), expected), cell(r.get("metrics"), expected),
+            cell(int(total) if isinstance(total, float) and total.is_integer() else total, expected),
+            yes_no.get(r.get("pid_dropped_on_exit"), "–"), yes_no.get(r.get("unloaded"), "–"),
+            verdict.replace("|", "\\|")]) + " |")
+    out += ["", "## Guests", "",
+            "| label | kernel | packages | suite | guest | BTF | kprobe PMU | seconds (boot to poweroff) |",
+            "|---|---|---|---|---|---|---|---|"]
+    for k in kernels:
+        f = k["facts"]
+        out.append(f"| {k['label']} | {k['kernel']} | {k['packages']} | {k['suite']} | "
+                   f"{k['machine']}, {f.get('cpus', '?')} CPUs, Python {f.get('python', '?')} | "
+                   f"{'yes' if f.get('btf') else 'no'} | {'yes' if f.get('kprobe_pmu') else 'no'} | "
+                   f"{k['seconds']} |")
+    qemus = sorted({k["qemu"] for k in kernels})
+    out += ["", f"Host: {platform.system()} {platform.release()} {platform.machine()}; "
+            f"{'; '.join(qemus)}.", ""]
+    if failures:
+        out += ["## Failures", ""] + [f"- {line.splitlines()[0]}" for line in failures] + [""]
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True)
+    parser.add_argument("rundirs", nargs="+")
+    args = parser.parse_args()
+    rows, failures, kernels = evaluate(args.rundirs)
+    text = markdown(rows, kernels, failures)
+    with open(args.output + ".new", "w") as f:
+        f.write(text)
+    os.replace(args.output + ".new", args.output)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    print("\n".join(table))
+    print(f"\nrun-matrix: wrote {args.output}")
+    for failure in failures:
+        print(f"run-matrix: FAIL {failure}", file=sys.stderr)
+    passed = sum(row["verdict"] == "PASS" for row in rows)
+    print(f"run-matrix: {passed} passed, {len(failures)} failed, "
+          f"{sum(row['verdict'] == 'UNSUPPORTED' for row in rows)} not supported")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,381 @@
+#!/usr/bin/env bash
+# The kernel matrix (`make test-kernels`): boots every kernel in kernels/matrix.conf
+# under qemu (TCG: no KVM needed) and runs kernels/guest_smoke.py inside it, which
+# loads tcpmon with each attach mode, makes N connects from a known comm, and
+# checks `tcpmon dump --json` and `tcpmon serve`'s /metrics both say exactly N.
+#
+#   kernels/run-matrix.sh [--quick] [--only LABEL,...] [--modes MODE,...]
+#                         [--bpf-object PATH] [--output FILE] [--offline]
+#                         [--timeout SECONDS] [--list]
+#
+# --quick    only the entries flagged quick (one x86 6.1 guest), for `make test`
+# --only     only these labels
+# --modes    attach modes to try (default: kprobe,fentry,tp_btf,tracepoint,auto;
+#            with --quick: kprobe,tracepoint, the two perf-event links)
+# --bpf-object  load this BPF object instead of the package's (e.g. a deliberately
+#            broken one, to see the matrix fail)
+# --output   where the markdown table goes (default: docs/KERNELS.md for the full
+#            matrix, .cache/kernels/quick.md with --quick or --only)
+# --offline  no apt: use the kernels already in .cache/kernels/
+# --timeout  seconds per guest before it counts as hung (default 1200)
+#
+# Kernels are Debian packages fetched with a private apt configuration (the host's
+# apt state and architectures are untouched); they, the initramfs images and the
+# arm64 root filesystem are cached under .cache/kernels/.  x86 guests share the
+# host's root read-only over virtio-9p and run the host's .venv; other arches get
+# a root built by kernels/build-rootfs.sh.  Guests have no network device.
+# Exit status: 0 when every must-work mode counted exactly, 1 on any mismatch,
+# 2 on a usage or setup error.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+here=$root/kernels
+cache=${TCPMON_KERNEL_CACHE:-$root/.cache/kernels}
+modes="" bpf_object=""
+quick=0 offline=0 list=0 only="" output="" timeout=1200
+# Debian suites the private apt configuration knows; "-" in matrix.conf means the first three.
+SUITES=("bookworm" "bookworm-updates" "bookworm-security" "bookworm-backports" "trixie-backports")
+KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
+NEEDED_MODULES=(virtio_pci 9pnet_virtio 9p)
+
+die() {
+	echo "run-matrix: $*" >&2
+	exit 2
+}
+note() { echo "run-matrix: $*" >&2; }
+
+while [ $# -gt 0 ]; do
+	case $1 in
+	--quick) quick=1 ;;
+	--offline) offline=1 ;;
+	--list) list=1 ;;
+	--only) only=${2:?--only needs labels}; shift ;;
+	--modes) modes=${2:?--modes needs a list}; shift ;;
+	--bpf-object) bpf_object=${2:?--bpf-object needs a path}; shift ;;
+	--output) output=${2:?--output needs a file}; shift ;;
+	--timeout) timeout=${2:?--timeout needs seconds}; shift ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+	*) die "unknown argument $1 (see --help)" ;;
+	esac
+	shift
+done
+
+debian_arch() {
+	case $1 in
+	x86) echo amd64 ;;
+	arm64) echo arm64 ;;
+	*) die "arch $1: the matrix boots x86 and arm64 guests only" ;;
+	esac
+}
+
+# --- the entries to run -------------------------------------------------------
+entries=()
+while read -r label arch release package must flags; do
+	case $label in '' | '#'*) continue ;; esac
+	[ -n "$flags" ] || die "matrix.conf: entry $label has fewer than six columns"
+	if [ -n "$only" ]; then
+		[[ ",$only," == *",$label,"* ]] || continue
+	elif [ "$quick" -eq 1 ]; then
+		[[ ",$flags," == *",quick,"* ]] || continue
+	fi
+	entries+=("$label $arch $release $package $must")
+done <"$here/matrix.conf"
+[ ${#entries[@]} -gt 0 ] || die "no matrix.conf entry matches ${only:+--only $only}${only:---quick}"
+if [ "$list" -eq 1 ]; then
+	printf '%s\n' "${entries[@]}"
+	exit 0
+fi
+if [ -z "$modes" ]; then
+	modes=kprobe,fentry,tp_btf,tracepoint,auto
+	[ "$quick" -eq 1 ] && modes=kprobe,tracepoint
+fi
+if [ -n "$bpf_object" ]; then
+	bpf_object=$(realpath "$bpf_object")
+	[ -f "$bpf_object" ] || die "--bpf-object $bpf_object: no such file"
+fi
+if [ -z "$output" ]; then
+	if [ "$quick" -eq 1 ] || [ -n "$only" ]; then
+		output=$cache/quick.md
+	else
+		output=$root/docs/KERNELS.md
+	fi
+fi
+
+# --- host prerequisites ---------------------------------------------------------
+[ "$(id -u)" -eq 0 ] || die "needs root (9p shares of the whole root, reading root-only files)"
+for tool in apt-get apt-cache dpkg-deb depmod cpio gzip timeout python3; do
+	command -v "$tool" >/dev/null || die "$tool not found: run 'make deps'"
+done
+[ -x "$root/.venv/bin/python" ] || die "no $root/.venv: run 'make build' first"
+mkdir -p "$cache"
+
+# --- apt: a private configuration per Debian arch --------------------------------
+apt_dir() { echo "$cache/apt/$1"; }
+
+apt_opts() { # DEBARCH [SUITE]
+	local dir
+	dir=$(apt_dir "$1")
+	printf '%s\n' -o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/sources.list.d" \
+		-o "Dir::Etc::Preferences=$dir/preferences" -o "Dir::Etc::PreferencesParts=$dir/preferences.d" \
+		-o "Dir::State::Lists=$dir/lists" -o "Dir::State::status=$dir/status" -o "Dir::Cache=$dir/cache" \
+		-o "APT::Architecture=$1" -o "APT::Architectures::=$1" -o "Debug::NoLocking=1" \
+		-o "APT::Sandbox::User=root" -o "Acquire::Languages=none"
+	if [ -n "${2:-}" ] && [ "$2" != - ]; then
+		printf '%s\n' -o "APT::Default-Release=$2"
+	fi
+}
+
+apt_setup() { # DEBARCH: writes the config and refreshes lists older than a day
+	local debarch=$1 dir suite mirror
+	dir=$(apt_dir "$debarch")
+	mkdir -p "$dir"/{lists/partial,cache/archives/partial,sources.list.d,preferences.d}
+	touch "$dir/status" "$dir/preferences"
+	: >"$dir/sources.list.new"
+	for suite in "${SUITES[@]}"; do
+		mirror=http://deb.debian.org/debian
+		[ "$suite" = bookworm-security ] && mirror=http://deb.debian.org/debian-security
+		echo "deb [signed-by=$KEYRING] $mirror $suite main" >>"$dir/sources.list.new"
+	done
+	mv "$dir/sources.list.new" "$dir/sources.list"
+	[ "$offline" -eq 1 ] && return 0
+	if [ -z "$(find "$dir/lists" -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
+		note "apt-get update ($debarch)"
+		local opts
+		mapfile -t opts < <(apt_opts "$debarch")
+		apt-get "${opts[@]}" -qq update >&2 || note "apt-get update failed for $debarch: using what is cached"
+	fi
+}
+
+# The linux-image/binary/modules packages a kernel (meta)package needs, itself included.
+kernel_closure() { # DEBARCH RELEASE PACKAGE
+	local opts queue=("$3") seen=" " pkg dep
+	mapfile -t opts < <(apt_opts "$1" "$2")
+	while [ ${#queue[@]} -gt 0 ]; do
+		pkg=${queue[0]}
+		queue=("${queue[@]:1}")
+		[[ $seen == *" $pkg "* ]] && continue
+		seen+="$pkg "
+		echo "$pkg"
+		while read -r dep; do
+			queue+=("$dep")
+		done < <(apt-cache "${opts[@]}" depends --no-recommends --no-suggests --no-conflicts \
+			--no-breaks --no-replaces --no-enhances "$pkg" 2>/dev/null |
+			sed -n -E 's/^ *\|?Depends: (linux-(image|binary|modules)-[^ <>]+)$/\1/p')
+	done
+}
+
+# Downloads (once) and unpacks a kernel; prints the directory holding boot/ and lib/modules/.
+fetch_kernel() { # LABEL ARCH RELEASE PACKAGE
+	local label=$1 debarch release=$3 package=$4 dir debs opts uris pkgs=() line url file
+	debarch=$(debian_arch "$2")
+	dir=$cache/$label
+	debs=$cache/debs/$debarch
+	mkdir -p "$dir" "$debs"
+	if [ "$offline" -eq 0 ]; then
+		apt_setup "$debarch"
+		mapfile -t opts < <(apt_opts "$debarch" "$release")
+		mapfile -t pkgs < <(kernel_closure "$debarch" "$release" "$package")
+		# --print-uris: 'URL' FILE SIZE HASH per package; fetch the files not cached yet.
+		uris=$(cd "$debs" && apt-get "${opts[@]}" download --print-uris "${pkgs[@]}" 2>/dev/null) ||
+			uris=""
+		if [ -n "$uris" ]; then
+			: >"$dir/debs.txt.new"
+			while read -r url file _; do
+				url=${url//\'/}
+				[ -s "$debs/$file" ] || { note "downloading $file" && (cd "$debs" && apt-get "${opts[@]}" -qq download \
+					"$(sed -E 's/_.*//' <<<"$file")" >&2); }
+				echo "$file" >>"$dir/debs.txt.new"
+			done <<<"$uris"
+			mv "$dir/debs.txt.new" "$dir/debs.txt"
+		fi
+	fi
+	[ -s "$dir/debs.txt" ] || die "$label: no kernel packages for $package ($release, $debarch) and none cached"
+	if [ ! -f "$dir/tree.done" ] || ! cmp -s "$dir/debs.txt" "$dir/tree.done"; then
+		note "$label: unpacking $(tr '\n' ' ' <"$dir/debs.txt")"
+		rm -rf "$dir/tree"
+		mkdir -p "$dir/tree"
+		while read -r file; do
+			dpkg-deb -x "$debs/$file" "$dir/tree"
+		done <"$dir/debs.txt"
+		cp "$dir/debs.txt" "$dir/tree.done"
+	fi
+	echo "$dir/tree"
+}
+
+kernel_release() { # TREE
+	local rel
+	rel=$(find "$1/lib/modules" "$1/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -1)
+	[ -n "$rel" ] || die "$1: no lib/modules/<release>"
+	echo "$rel"
+}
+
+modules_root() { # TREE RELEASE: where modules.dep lives (/lib or /usr/lib on merged-/usr packages)
+	if [ -d "$1/usr/lib/modules/$2" ]; then echo "$1/usr/lib/modules/$2"; else echo "$1/lib/modules/$2"; fi
+}
+
+# The .ko files (relative to the modules dir) to insmod, dependencies first.
+module_load_order() { # MODDIR NAME...
+	local moddir=$1 name line deps dep order=" "
+	shift
+	for name in "$@"; do
+		line=$(grep -E "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" || true)
+		if [ -z "$line" ]; then
+			grep -Eq "(^|/)${name}\.ko$" "$moddir/modules.builtin" ||
+				die "$moddir: module $name is neither built in nor in modules.dep"
+			continue
+		fi
+		read -r -a deps <<<"${line#*:}"
+		# modules.dep lists dependencies so that loading from the last one back works
+		for ((i = ${#deps[@]} - 1; i >= 0; i--)); do
+			dep=${deps[i]}
+			[[ $order == *" $dep "* ]] || order+="$dep "
+		done
+		line=${line%%:*}
+		[[ $order == *" $line "* ]] || order+="$line "
+	done
+	printf '%s\n' "$order" | tr ' ' '\n' | sed '/^$/d'
+}
+
+busybox_for() { # ARCH: a static busybox for the guest
+	local debarch dir opts file
+	if [ "$1" = x86 ]; then
+		if [ ! -x /bin/busybox ] || readelf -l /bin/busybox 2>/dev/null | grep -q INTERP; then
+			die "needs a static /bin/busybox: apt-get install busybox-static"
+		fi
+		echo /bin/busybox
+		return
+	fi
+	debarch=$(debian_arch "$1")
+	dir=$cache/busybox-$debarch
+	if [ ! -x "$dir/bin/busybox" ]; then
+		[ "$offline" -eq 0 ] || die "no cached busybox for $debarch (run without --offline)"
+		apt_setup "$debarch"
+		mapfile -t opts < <(apt_opts "$debarch")
+		mkdir -p "$dir.deb"
+		(cd "$dir.deb" && apt-get "${opts[@]}" -qq download busybox-static >&2)
+		file=$(find "$dir.deb" -name 'busybox-static_*.deb' | head -1)
+		dpkg-deb -x "$file" "$dir"
+	fi
+	echo "$dir/bin/busybox"
+}
+
+# Builds (once per kernel, init script and busybox) the initramfs; prints its path.
+build_initramfs() { # LABEL ARCH TREE
+	local label=$1 arch=$2 tree=$3 dir rel moddir busybox key stage ko
+	dir=$cache/$label
+	rel=$(kernel_release "$tree")
+	moddir=$(modules_root "$tree" "$rel")
+	busybox=$(busybox_for "$arch")
+	[ -f "$moddir/modules.dep" ] || depmod -b "${moddir%/lib/modules/*}" "$rel"
+	key=$({ sha256sum "$here/guest-init.sh" "$busybox" | cut -d' ' -f1; echo "$rel"; cat "$dir/debs.txt"; } | sha256sum | cut -d' ' -f1)
+	if [ -f "$dir/initramfs.gz" ] && [ "$(cat "$dir/initramfs.key" 2>/dev/null)" = "$key" ]; then
+		echo "$dir/initramfs.gz"
+		return
+	fi
+	stage=$(mktemp -d "$cache/stage.XXXXXX")
+	mkdir -p "$stage"/{bin,sbin,proc,sys,dev,modules,newroot,results}
+	cp "$busybox" "$stage/bin/busybox"
+	for applet in sh mount umount insmod mkdir ip chroot poweroff sleep sync uname cat; do
+		ln -s busybox "$stage/bin/$applet"
+	done
+	install -m 0755 "$here/guest-init.sh" "$stage/init"
+	: >"$stage/modules.list"
+	while read -r ko; do
+		case $ko in
+		*.xz) xz -dc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.xz}")" ;;
+		*.zst) zstd -qdc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.zst}")" ;;
+		*.gz) gzip -dc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.gz}")" ;;
+		*) cp "$moddir/$ko" "$stage/modules/" ;;
+		esac
+		basename "${ko%.*}" | sed 's/$/.ko/; s/\.ko\.ko$/.ko/' >>"$stage/modules.list"
+	done < <(module_load_order "$moddir" "${NEEDED_MODULES[@]}")
+	(cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet --owner=0:0) | gzip -1 >"$dir/initramfs.gz.new"
+	rm -rf "$stage"
+	mv "$dir/initramfs.gz.new" "$dir/initramfs.gz"
+	echo "$key" >"$dir/initramfs.key"
+	echo "$dir/initramfs.gz"
+}
+
+kernel_image() { # TREE
+	local image
+	image=$(find "$1/boot" -maxdepth 1 \( -name 'vmlinuz-*' -o -name 'vmlinux-*' \) | head -1)
+	[ -n "$image" ] || die "$1: no boot/vmlinuz-*"
+	echo "$image"
+}
+
+# Boots one guest; the smoke's results land in RUNDIR/results.jsonl.
+boot() { # LABEL ARCH TREE INITRAMFS RUNDIR
+	local label=$1 arch=$2 tree=$3 initramfs=$4 rundir=$5 image qemu share python pythonpath="" repo_tag=""
+	local -a machine extra=()
+	image=$(kernel_image "$tree")
+	case $arch in
+	x86)
+		qemu="qemu-system-x86_64"
+		machine=(-machine q35 -cpu max -append "console=ttyS0 panic=-1 quiet loglevel=3 rdinit=/init")
+		share=/
+		python=$root/.venv/bin/python
+		pythonpath=$root
+		;;
+	arm64)
+		qemu="qemu-system-aarch64"
+		machine=(-machine virt -cpu "max,pauth-impdef=on"
+			-append "console=ttyAMA0 panic=-1 quiet loglevel=3 rdinit=/init")
+		share=$("$here/build-rootfs.sh" arm64)
+		python=/usr/bin/python3
+		repo_tag=repo
+		extra=(-virtfs "local,path=$root,mount_tag=repo,security_model=none,readonly=on")
+		;;
+	esac
+	command -v "$qemu" >/dev/null || die "$qemu not found: apt-get install qemu-system-${arch/x86/x86}"
+	rm -rf "$rundir"
+	mkdir -p "$rundir"
+	cat >"$rundir/job.env" <<-EOF
+		TCPMON_PYTHON='$python'
+		TCPMON_PYTHONPATH='$pythonpath'
+		TCPMON_SMOKE='$root/kernels/guest_smoke.py'
+		TCPMON_SMOKE_ARGS='--modes $modes${bpf_object:+ --bpf-object $bpf_object}'
+		TCPMON_REPO='$root'
+		TCPMON_REPO_TAG='$repo_tag'
+	EOF
+	local started rc=0
+	started=$(date +%s)
+	timeout -k 10 "$timeout" "$qemu" -accel tcg,thread=multi "${machine[@]}" -smp 2 -m 1536 \
+		-nodefaults -no-user-config -display none -no-reboot -nic none \
+		-chardev "file,id=console,path=$rundir/console.log" -serial chardev:console \
+		-kernel "$image" -initrd "$initramfs" \
+		-virtfs "local,path=$share,mount_tag=rootfs,security_model=none,readonly=on,multidevs=remap" \
+		-virtfs "local,path=$rundir,mount_tag=results,security_model=none" \
+		"${extra[@]}" >"$rundir/qemu.log" 2>&1 || rc=$?
+	{
+		echo "label=$label"
+		echo "arch=$arch"
+		echo "qemu_rc=$rc"
+		echo "boot_seconds=$(($(date +%s) - started))"
+		echo "packages=$(tr '\n' ' ' <"$cache/$label/debs.txt")"
+		echo "qemu=$("$qemu" --version | head -1)"
+	} >>"$rundir/meta.env"
+	[ "$rc" -eq 124 ] && note "$label: guest hung for ${timeout}s (console: $rundir/console.log)"
+	return 0
+}
+
+runs=()
+started_all=$(date +%s)
+for entry in "${entries[@]}"; do
+	read -r label arch release package must <<<"$entry"
+	note "$label: $package (${release/-/bookworm}, $arch)"
+	tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
+	initramfs=$(build_initramfs "$label" "$arch" "$tree")
+	rundir=$cache/runs/$label
+	t0=$(date +%s)
+	boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
+	{
+		echo "must=$must"
+		echo "release=$(kernel_release "$tree")"
+		echo "suite=${release/#-/bookworm}"
+	} >>"$rundir/meta.env"
+	note "$label: guest finished in $(($(date +%s) - t0))s"
+	runs+=("$rundir")
+done
+note "all guests finished in $(($(date +%s) - started_all))s"
+mkdir -p "$(dirname "$output")"
+python3 "$here/report.py" --output "$output" "${runs[@]}"
