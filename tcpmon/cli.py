@@ -104,9 +104,7 @@ def cmd_load(args):
     for mode, why in result.skipped.items():
         print(f"tcpmon: skipped {mode}: {why}")
     if getattr(args, "foreground", False):
-        print("tcpmon: holding the probe until SIGTERM or SIGINT")
-        sys.stdout.flush()
-        loader.hold(result)
+        loader.hold(result, ready=lambda: print("tcpmon: holding the probe until SIGTERM or SIGINT", flush=True))
     return 0
 
 

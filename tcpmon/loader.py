@@ -164,11 +164,13 @@ def load(pin_dir=probe.DEFAULT_PIN_DIR, attach="auto", object_path=None,
         raise LoadError(f"no attach mode worked under {pins.dir}: {tried}")
 
 
-def hold(result):
-    """--foreground: keep the links (and so the probe) until SIGTERM or SIGINT, then detach."""
+def hold(result, ready=lambda: None):
+    """--foreground: keep the links (and so the probe) until SIGTERM or SIGINT, then detach.
+    `ready` runs once the signal handlers are in place."""
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
+    ready()
     while not stop:
         signal.pause()
     for link in result.links:
