@@ -18,6 +18,7 @@ run: build
 	$(VENV)/bin/tcpmon run
 
 test: build
+	scripts/lint.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 build: $(STAMP)/venv $(PKG_BPF_OBJ)

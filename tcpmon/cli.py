@@ -32,7 +32,19 @@ def _option(parser, flag, default, help, **kwargs):
     """A flag whose default comes from its TCPMON_* twin, then from `default`."""
     env = _env(flag)
     value = os.environ.get(env, default)
+    if env in os.environ:
+        value = _checked_env(parser, env, value, kwargs.get("type"), kwargs.get("choices"))
     parser.add_argument(flag, default=value, help=f"{help} (env {env}; default: {default})", **kwargs)
+
+
+def _checked_env(parser, env, value, convert, choices):
+    try:
+        value = convert(value) if convert else value
+    except argparse.ArgumentTypeError as exc:
+        parser.error(f"{env}: {exc}")
+    if choices and value not in choices:
+        parser.error(f"{env}='{value}' is not one of {', '.join(map(str, choices))}")
+    return value
 
 
 def _common(parser):
