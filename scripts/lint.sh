@@ -135,7 +135,7 @@ step_chart() {
 
 step_docker() {
 	"$venv/bin/hadolint" --config "$root/.hadolint.yaml" "$root/Dockerfile" "$root/Dockerfile.debug" || return 1
-	"$venv/bin/check-jsonschema" -q --builtin-schema vendor.compose-spec "$root/docker-compose.yml" || return 1
+	"$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$root/docker-compose.yml" || return 1
 }
 
 step_systemd() {
@@ -197,7 +197,7 @@ step_json() {
 }
 
 step_workflow() {
-	"$venv/bin/check-jsonschema" -q --builtin-schema vendor.github-workflows "$root"/.github/workflows/*.yml || return 1
+	"$venv/bin/check-jsonschema" --builtin-schema vendor.github-workflows "$root"/.github/workflows/*.yml || return 1
 }
 
 main() {

@@ -1,0 +1,204 @@
+"""Security and wiring properties of the Helm chart, checked on the objects helm renders."""
+import re
+
+import pytest
+
+from conftest import REPO, helm_template
+from tcpmon import cli, probe
+
+
+def _by_kind(docs):
+    kinds = {}
+    for doc in docs:
+        kinds.setdefault(doc["kind"], []).append(doc)
+    return kinds
+
+
+def _one(docs, kind):
+    found = _by_kind(docs).get(kind, [])
+    assert len(found) == 1, f"expected one {kind}, rendered {len(found)}"
+    return found[0]
+
+
+@pytest.fixture(scope="module")
+def default_docs(helm):
+    return helm_template(helm)[0]
+
+
+@pytest.fixture(scope="module")
+def pod(default_docs):
+    return _one(default_docs, "DaemonSet")["spec"]["template"]["spec"]
+
+
+@pytest.fixture(scope="module")
+def loader(pod):
+    assert [c["name"] for c in pod["initContainers"]] == ["loader"]
+    return pod["initContainers"][0]
+
+
+@pytest.fixture(scope="module")
+def exporter(pod):
+    assert [c["name"] for c in pod["containers"]] == ["exporter"]
+    return pod["containers"][0]
+
+
+def _env(container):
+    return {item["name"]: item["value"] for item in container.get("env", [])}
+
+
+def _subcommand_envs(name):
+    """The TCPMON_* variables the real CLI reads for `tcpmon NAME`."""
+    sub = cli.build_parser()._subparsers._group_actions[0].choices[name]
+    return {cli._env(opt) for action in sub._actions for opt in action.option_strings
+            if opt.startswith("--") and opt not in ("--help", "--json", "--foreground")}
+
+
+def test_default_render_has_exactly_the_expected_objects(default_docs):
+    assert sorted(doc["kind"] for doc in default_docs) == ["DaemonSet", "Service", "ServiceAccount"]
+
+
+def test_pod_shares_nothing_with_the_host_but_bpffs(pod):
+    for key in ("hostPID", "hostIPC", "hostNetwork"):
+        assert not pod.get(key), f"{key} is set: comm comes from the kernel, the host's namespaces are not needed"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    host_paths = {vol["name"]: vol["hostPath"] for vol in pod["volumes"] if "hostPath" in vol}
+    assert host_paths == {"bpffs": {"path": "/sys/fs/bpf", "type": "Directory"},
+                          "tracefs": {"path": "/sys/kernel/tracing", "type": "Directory"}}
+    assert set(host_paths) == {vol["name"] for vol in pod["volumes"]}
+
+
+def test_loader_init_container_loads_with_bpf_and_perfmon_only(loader):
+    assert loader["args"] == ["load"]
+    ctx = loader["securityContext"]
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}
+    assert ctx["privileged"] is False
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["appArmorProfile"] == {"type": "Unconfined"}
+    mounts = {m["mountPath"]: m.get("readOnly", False) for m in loader["volumeMounts"]}
+    assert mounts == {"/sys/fs/bpf": False, "/sys/kernel/tracing": True}
+    assert loader["resources"]["limits"] and loader["resources"]["requests"]
+
+
+def test_exporter_runs_serve_with_cap_bpf_only(exporter):
+    assert exporter["args"] == ["serve"]
+    ctx = exporter["securityContext"]
+    assert ctx["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+    assert ctx["privileged"] is False
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert "appArmorProfile" not in ctx
+    assert exporter["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True}]
+    assert exporter["resources"]["limits"] and exporter["resources"]["requests"]
+
+
+def test_probes_hit_the_health_port(exporter):
+    ports = {port["name"]: port["containerPort"] for port in exporter["ports"]}
+    assert ports == {"metrics": 9090, "health": 8080}
+    for probe_name, path in (("livenessProbe", "/liveness"), ("readinessProbe", "/readiness")):
+        check = exporter[probe_name]["httpGet"]
+        assert check["path"] == path
+        assert ports[check["port"]] == 8080
+    env = _env(exporter)
+    assert env["TCPMON_HEALTH_ADDR"].endswith(":8080")
+    assert env["TCPMON_METRICS_ADDR"].endswith(":9090")
+
+
+def test_every_environment_variable_is_one_the_cli_reads(loader, exporter):
+    assert set(_env(loader)) <= _subcommand_envs("load")
+    assert set(_env(exporter)) <= _subcommand_envs("serve")
+    assert _env(loader)["TCPMON_PIN_DIR"] == _env(exporter)["TCPMON_PIN_DIR"] == probe.DEFAULT_PIN_DIR
+
+
+def test_runs_on_every_node(default_docs, pod):
+    assert {"operator": "Exists"} in pod["tolerations"]
+    ds = _one(default_docs, "DaemonSet")
+    assert ds["spec"]["updateStrategy"]["type"] == "RollingUpdate"
+
+
+def test_service_selects_the_pods_metrics_port(default_docs, exporter):
+    service = _one(default_docs, "Service")
+    labels = _one(default_docs, "DaemonSet")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["metrics"]
+
+
+def test_monitoring_objects_are_optional_and_wired(helm, default_docs):
+    docs = helm_template(helm, "serviceMonitor.enabled=true", "prometheusRule.enabled=true")[0]
+    kinds = _by_kind(docs)
+    monitor = kinds["ServiceMonitor"][0]
+    service = kinds["Service"][0]
+    assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
+    alerts = {rule["alert"]: rule["expr"] for rule in kinds["PrometheusRule"][0]["spec"]["groups"][0]["rules"]}
+    assert {"TcpmonProbeDetached", "TcpmonMapNearlyFull", "TcpmonMapUpdateFailures"} <= set(alerts)
+
+
+def test_alerts_use_metrics_the_exporter_serves(helm, pin_dir):
+    from tcpmon import exposition
+    from tcpmon.collector import Collector
+    collector = Collector(pin_dir)
+    try:
+        body = exposition.render(collector.snapshot()).decode()
+    finally:
+        collector.close()
+    served = set(re.findall(r"^# TYPE (\S+) (\S+)", body, re.M))
+    names = {name for name, _ in served} | {name + "_total" for name, kind in served if kind == "counter"}
+    docs = helm_template(helm, "prometheusRule.enabled=true")[0]
+    rules = _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
+    used = {name for rule in rules for name in re.findall(r"\b(tcpmon_\w+)", rule["expr"])}
+    assert used and used <= names, f"alerts use metrics the exporter does not serve: {used - names}"
+
+
+def test_unload_mode_unloads_and_serves_nothing(helm):
+    docs = helm_template(helm, "unload=true")[0]
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert [(c["name"], c["args"]) for c in pod["initContainers"]] == [("unloader", ["unload"])]
+    (idle,) = pod["containers"]
+    assert idle["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert "ports" not in idle
+
+
+def test_attach_modes_match_the_cli(helm):
+    import json
+    schema = json.loads((REPO / "charts/tcpmon/values.schema.json").read_text())
+    assert schema["properties"]["loader"]["properties"]["attach"]["enum"] == ["auto", *probe.ATTACH_MODES]
+
+
+@pytest.mark.parametrize("bad", [
+    "exporter.metricsPort=0",
+    "exporter.healthPort=70000",
+    "loader.attach=uprobe",
+    "loader.extraCapabilities={ALL}",
+    "loader.extraCapabilities={PERFMON}",
+    "loader.maxPids=0",
+    "exporter.logLevel=verbose",
+    "pinDir=relative/dir",
+    "bogusKey=1",
+])
+def test_schema_rejects_bad_values(helm, bad):
+    result = helm_template(helm, bad, check=False)[1]
+    assert result.returncode != 0, f"helm accepted --set {bad}"
+    assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower()
+
+
+def test_extra_capabilities_are_added_to_the_loader_only(helm):
+    docs = helm_template(helm, "loader.extraCapabilities={IPC_LOCK}")[0]
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["initContainers"][0]["securityContext"]["capabilities"]["add"] == ["BPF", "PERFMON", "IPC_LOCK"]
+    assert pod["containers"][0]["securityContext"]["capabilities"]["add"] == ["BPF"]
+
+
+def test_debug_daemonset_keeps_the_split(lint_tools):
+    import yaml
+    docs = list(yaml.safe_load_all((REPO / "k8s/debug-daemonset.yaml").read_text()))
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert not pod.get("hostPID")
+    (init,) = pod["initContainers"]
+    (main,) = pod["containers"]
+    assert init["args"][0] == "load"
+    assert init["securityContext"]["capabilities"]["add"] == ["BPF", "PERFMON"]
+    assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+    assert {p["containerPort"] for p in main["ports"]} == {5678, 9090, 8080}
+    assert "unload" in main["lifecycle"]["preStop"]["exec"]["command"]
