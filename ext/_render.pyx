@@ -100,22 +100,28 @@ def comm_label(bytes comm):
     """The label value tcpmon shows for a raw comm (at most 16 bytes, NUL-terminated or not)."""
     cdef unsigned char padded[TCPMON_COMM_LEN + 1]
     cdef char text[TCPMON_COMM_LEN * MAX_BYTE_TEXT]
-    cdef size_t n = min(len(comm), <size_t>TCPMON_COMM_LEN)
+    cdef Py_ssize_t n = min(len(comm), <Py_ssize_t>TCPMON_COMM_LEN)
     memcpy(padded, <const char *>comm, n)
     padded[n] = 0
     return text[:put_comm(text, padded, False)].decode("utf-8")
 
 
-cdef class _Output:
-    """A malloc'd buffer sized for the worst case, turned into bytes at the end."""
+cdef class _Lines:
+    """Sample lines in a malloc'd buffer sized for the worst case, turned into bytes at the end."""
     cdef char *buf
     cdef size_t used
+    cdef const char *name
+    cdef size_t name_len
 
-    def __cinit__(self, size_t capacity):
-        self.buf = <char *>malloc(capacity if capacity else 1)
+    def __cinit__(self, bytes name, Py_ssize_t count):
+        # name{comm="<comm>",pid="<u32>"} <u64>\n
+        cdef size_t line_max = len(name) + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT
+        self.buf = <char *>malloc(line_max * count + 1)
         if self.buf == NULL:
             raise MemoryError()
         self.used = 0
+        self.name = name
+        self.name_len = len(name)
 
     def __dealloc__(self):
         free(self.buf)
@@ -124,13 +130,20 @@ cdef class _Output:
         memcpy(self.buf + self.used, text, n)
         self.used += n
 
+    cdef inline void sample(self, const char *comm, const uint32_t *pid, uint64_t value) noexcept nogil:
+        """name{comm="...",pid="..."} value, without the pid label when `pid` is NULL."""
+        self.put(self.name, self.name_len)
+        self.put('{comm="', 7)
+        self.used += put_comm(self.buf + self.used, <const unsigned char *>comm, True)
+        if pid != NULL:
+            self.put('",pid="', 7)
+            self.used += put_u64(self.buf + self.used, pid[0])
+        self.put('"} ', 3)
+        self.used += put_u64(self.buf + self.used, value)
+        self.put('\n', 1)
+
     cdef bytes take(self):
         return PyBytes_FromStringAndSize(self.buf, self.used)
-
-
-cdef inline size_t line_capacity(bytes name, Py_ssize_t count):
-    # name{comm="<comm>",pid="<u32>"} <u64>\n
-    return (len(name) + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT) * count
 
 
 cdef void check_buffers(const unsigned char[::1] keys, size_t key_size,
@@ -144,45 +157,25 @@ def render_pid_series(bytes name, const unsigned char[::1] keys,
                       const unsigned char[::1] values, Py_ssize_t count):
     """Sample lines `name{comm="...",pid="N"} connects` from `count` entries of the connects map."""
     check_buffers(keys, sizeof(uint32_t), values, sizeof(tcpmon_pid_value), count)
-    if count == 0:
-        return b""
-    cdef const uint32_t *pids = <const uint32_t *>&keys[0]
-    cdef const tcpmon_pid_value *entries = <const tcpmon_pid_value *>&values[0]
-    cdef const char *cname = name
-    cdef size_t name_len = len(name)
+    cdef _Lines lines = _Lines(name, count)
+    cdef const uint32_t *pids = <const uint32_t *>&keys[0] if count else NULL
+    cdef const tcpmon_pid_value *entries = <const tcpmon_pid_value *>&values[0] if count else NULL
     cdef Py_ssize_t i
-    cdef _Output out = _Output(line_capacity(name, count))
     with nogil:
         for i in range(count):
-            out.put(cname, name_len)
-            out.put('{comm="', 7)
-            out.used += put_comm(out.buf + out.used, <const unsigned char *>entries[i].comm, True)
-            out.put('",pid="', 7)
-            out.used += put_u64(out.buf + out.used, pids[i])
-            out.put('"} ', 3)
-            out.used += put_u64(out.buf + out.used, entries[i].connects)
-            out.put('\n', 1)
-    return out.take()
+            lines.sample(entries[i].comm, &pids[i], entries[i].connects)
+    return lines.take()
 
 
 def render_comm_series(bytes name, const unsigned char[::1] keys,
                        const unsigned char[::1] values, Py_ssize_t count):
     """Sample lines `name{comm="..."} total` from `count` entries of the comm_totals map."""
     check_buffers(keys, sizeof(tcpmon_comm_key), values, sizeof(uint64_t), count)
-    if count == 0:
-        return b""
-    cdef const tcpmon_comm_key *comms = <const tcpmon_comm_key *>&keys[0]
-    cdef const uint64_t *totals = <const uint64_t *>&values[0]
-    cdef const char *cname = name
-    cdef size_t name_len = len(name)
+    cdef _Lines lines = _Lines(name, count)
+    cdef const tcpmon_comm_key *comms = <const tcpmon_comm_key *>&keys[0] if count else NULL
+    cdef const uint64_t *totals = <const uint64_t *>&values[0] if count else NULL
     cdef Py_ssize_t i
-    cdef _Output out = _Output(line_capacity(name, count))
     with nogil:
         for i in range(count):
-            out.put(cname, name_len)
-            out.put('{comm="', 7)
-            out.used += put_comm(out.buf + out.used, <const unsigned char *>comms[i].comm, True)
-            out.put('"} ', 3)
-            out.used += put_u64(out.buf + out.used, totals[i])
-            out.put('\n', 1)
-    return out.take()
+            lines.sample(comms[i].comm, NULL, totals[i])
+    return lines.take()

@@ -85,7 +85,10 @@ def _map_sizes(pins, max_pids, max_comms):
 
 
 def _why(mode, exc):
-    hint = _HINTS.get((mode, getattr(exc, "errno", None)))
+    if getattr(exc, "call", None) == "bpf_link__pin":
+        hint = "this kernel cannot pin this kind of link (perf links need 5.15+): use 'tcpmon load --foreground'"
+    else:
+        hint = _HINTS.get((mode, getattr(exc, "errno", None)))
     return f"{exc} ({hint})" if hint else str(exc)
 
 
