@@ -108,7 +108,8 @@ def evaluate(rundirs):
         facts, results = read_results(rundir)
         done_rc, console_tail = console_done(rundir)
         label = meta.get("label", os.path.basename(rundir))
-        must = [m for m in meta.get("must", "").split(",") if m]
+        asked = [m for m in meta.get("modes", "").split(",") if m]
+        must = [m for m in meta.get("must", "").split(",") if m and (not asked or m in asked)]
         kernel = facts.get("release") or meta.get("release", "?")
         kernels.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
                         "machine": facts.get("machine", "?"), "suite": meta.get("suite", "?"),

@@ -5,7 +5,7 @@
 # checks `tcpmon dump --json` and `tcpmon serve`'s /metrics both say exactly N.
 #
 #   kernels/run-matrix.sh [--quick] [--only LABEL,...] [--modes MODE,...]
-#                         [--bpf-object PATH] [--output FILE] [--offline]
+#                         [--bpf-object PATH] [--output FILE] [--runs DIR] [--offline]
 #                         [--timeout SECONDS] [--list]
 #
 # --quick    only the entries flagged quick (one x86 6.1 guest), for `make test`
@@ -13,7 +13,9 @@
 # --modes    attach modes to try (default: kprobe,fentry,tp_btf,tracepoint,auto;
 #            with --quick: kprobe,tracepoint, the two perf-event links)
 # --bpf-object  load this BPF object instead of the package's (e.g. a deliberately
-#            broken one, to see the matrix fail)
+#            broken one, to see the matrix fail); it must lie outside /tmp, which
+#            the guest mounts over
+# --runs     where each guest's console log and results go (default .cache/kernels/runs)
 # --output   where the markdown table goes (default: docs/KERNELS.md for the full
 #            matrix, .cache/kernels/quick.md with --quick or --only)
 # --offline  no apt: use the kernels already in .cache/kernels/
@@ -31,11 +33,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 here=$root/kernels
 cache=${TCPMON_KERNEL_CACHE:-$root/.cache/kernels}
-modes="" bpf_object=""
+modes="" bpf_object="" runs_dir=""
 quick=0 offline=0 list=0 only="" output="" timeout=1200
-# Debian suites the private apt configuration knows; "-" in matrix.conf means the first three.
-SUITES=("bookworm" "bookworm-updates" "bookworm-security" "bookworm-backports" "trixie-backports")
-KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 NEEDED_MODULES=(virtio_pci 9pnet_virtio 9p)
 
 die() {
@@ -52,6 +51,7 @@ while [ $# -gt 0 ]; do
 	--only) only=${2:?--only needs labels}; shift ;;
 	--modes) modes=${2:?--modes needs a list}; shift ;;
 	--bpf-object) bpf_object=${2:?--bpf-object needs a path}; shift ;;
+	--runs) runs_dir=${2:?--runs needs a directory}; shift ;;
 	--output) output=${2:?--output needs a file}; shift ;;
 	--timeout) timeout=${2:?--timeout needs seconds}; shift ;;
 	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
@@ -92,7 +92,9 @@ fi
 if [ -n "$bpf_object" ]; then
 	bpf_object=$(realpath "$bpf_object")
 	[ -f "$bpf_object" ] || die "--bpf-object $bpf_object: no such file"
+	[[ $bpf_object != /tmp/* ]] || die "--bpf-object $bpf_object: the guest mounts a tmpfs over /tmp; put it elsewhere"
 fi
+[ -z "$runs_dir" ] || runs_dir=$(realpath -m "$runs_dir")
 if [ -z "$output" ]; then
 	if [ "$quick" -eq 1 ] || [ -n "$only" ]; then
 		output=$cache/quick.md
@@ -109,47 +111,20 @@ done
 [ -x "$root/.venv/bin/python" ] || die "no $root/.venv: run 'make build' first"
 mkdir -p "$cache"
 
-# --- apt: a private configuration per Debian arch --------------------------------
-apt_dir() { echo "$cache/apt/$1"; }
-
-apt_opts() { # DEBARCH [SUITE]
-	local dir
-	dir=$(apt_dir "$1")
-	printf '%s\n' -o "Dir::Etc::SourceList=$dir/sources.list" -o "Dir::Etc::SourceParts=$dir/sources.list.d" \
-		-o "Dir::Etc::Preferences=$dir/preferences" -o "Dir::Etc::PreferencesParts=$dir/preferences.d" \
-		-o "Dir::State::Lists=$dir/lists" -o "Dir::State::status=$dir/status" -o "Dir::Cache=$dir/cache" \
-		-o "APT::Architecture=$1" -o "APT::Architectures::=$1" -o "Debug::NoLocking=1" \
-		-o "APT::Sandbox::User=root" -o "Acquire::Languages=none"
-	if [ -n "${2:-}" ] && [ "$2" != - ]; then
-		printf '%s\n' -o "APT::Default-Release=$2"
-	fi
-}
-
-apt_setup() { # DEBARCH: writes the config and refreshes lists older than a day
-	local debarch=$1 dir suite mirror
-	dir=$(apt_dir "$debarch")
-	mkdir -p "$dir"/{lists/partial,cache/archives/partial,sources.list.d,preferences.d}
-	touch "$dir/status" "$dir/preferences"
-	: >"$dir/sources.list.new"
-	for suite in "${SUITES[@]}"; do
-		mirror=http://deb.debian.org/debian
-		[ "$suite" = bookworm-security ] && mirror=http://deb.debian.org/debian-security
-		echo "deb [signed-by=$KEYRING] $mirror $suite main" >>"$dir/sources.list.new"
-	done
-	mv "$dir/sources.list.new" "$dir/sources.list"
-	[ "$offline" -eq 1 ] && return 0
-	if [ -z "$(find "$dir/lists" -maxdepth 1 -name '*_Packages*' -mmin -1440 2>/dev/null | head -1)" ]; then
-		note "apt-get update ($debarch)"
-		local opts
-		mapfile -t opts < <(apt_opts "$debarch")
-		apt-get "${opts[@]}" -qq update >&2 || note "apt-get update failed for $debarch: using what is cached"
+# --- apt: scripts/debian-apt.sh keeps a private configuration per Debian arch ---
+dapt() { # DEBARCH RELEASE apt-get|apt-cache ARGS...
+	local debarch=$1 release=$2
+	shift 2
+	if [ "$release" = - ]; then
+		TCPMON_APT_OFFLINE=$offline "$root/scripts/debian-apt.sh" "$debarch" "$@"
+	else
+		TCPMON_APT_OFFLINE=$offline "$root/scripts/debian-apt.sh" "$debarch" --release "$release" "$@"
 	fi
 }
 
 # The linux-image/binary/modules packages a kernel (meta)package needs, itself included.
 kernel_closure() { # DEBARCH RELEASE PACKAGE
-	local opts queue=("$3") seen=" " pkg dep
-	mapfile -t opts < <(apt_opts "$1" "$2")
+	local queue=("$3") seen=" " pkg dep
 	while [ ${#queue[@]} -gt 0 ]; do
 		pkg=${queue[0]}
 		queue=("${queue[@]:1}")
@@ -158,7 +133,7 @@ kernel_closure() { # DEBARCH RELEASE PACKAGE
 		echo "$pkg"
 		while read -r dep; do
 			queue+=("$dep")
-		done < <(apt-cache "${opts[@]}" depends --no-recommends --no-suggests --no-conflicts \
+		done < <(dapt "$1" "$2" apt-cache depends --no-recommends --no-suggests --no-conflicts \
 			--no-breaks --no-replaces --no-enhances "$pkg" 2>/dev/null |
 			sed -n -E 's/^ *\|?Depends: (linux-(image|binary|modules)-[^ <>]+)$/\1/p')
 	done
@@ -166,24 +141,22 @@ kernel_closure() { # DEBARCH RELEASE PACKAGE
 
 # Downloads (once) and unpacks a kernel; prints the directory holding boot/ and lib/modules/.
 fetch_kernel() { # LABEL ARCH RELEASE PACKAGE
-	local label=$1 debarch release=$3 package=$4 dir debs opts uris pkgs=() line url file
+	local label=$1 debarch release=$3 package=$4 dir debs uris pkgs=() url file
 	debarch=$(debian_arch "$2")
 	dir=$cache/$label
 	debs=$cache/debs/$debarch
 	mkdir -p "$dir" "$debs"
 	if [ "$offline" -eq 0 ]; then
-		apt_setup "$debarch"
-		mapfile -t opts < <(apt_opts "$debarch" "$release")
 		mapfile -t pkgs < <(kernel_closure "$debarch" "$release" "$package")
 		# --print-uris: 'URL' FILE SIZE HASH per package; fetch the files not cached yet.
-		uris=$(cd "$debs" && apt-get "${opts[@]}" download --print-uris "${pkgs[@]}" 2>/dev/null) ||
+		uris=$(cd "$debs" && dapt "$debarch" "$release" apt-get download --print-uris "${pkgs[@]}" 2>/dev/null) ||
 			uris=""
 		if [ -n "$uris" ]; then
 			: >"$dir/debs.txt.new"
 			while read -r url file _; do
 				url=${url//\'/}
-				[ -s "$debs/$file" ] || { note "downloading $file" && (cd "$debs" && apt-get "${opts[@]}" -qq download \
-					"$(sed -E 's/_.*//' <<<"$file")" >&2); }
+				[ -s "$debs/$file" ] || { note "downloading $file" && (cd "$debs" && dapt "$debarch" "$release" \
+					apt-get -qq download "${file%%_*}" >&2); }
 				echo "$file" >>"$dir/debs.txt.new"
 			done <<<"$uris"
 			mv "$dir/debs.txt.new" "$dir/debs.txt"
@@ -237,7 +210,7 @@ module_load_order() { # MODDIR NAME...
 }
 
 busybox_for() { # ARCH: a static busybox for the guest
-	local debarch dir opts file
+	local debarch dir file
 	if [ "$1" = x86 ]; then
 		if [ ! -x /bin/busybox ] || readelf -l /bin/busybox 2>/dev/null | grep -q INTERP; then
 			die "needs a static /bin/busybox: apt-get install busybox-static"
@@ -249,10 +222,8 @@ busybox_for() { # ARCH: a static busybox for the guest
 	dir=$cache/busybox-$debarch
 	if [ ! -x "$dir/bin/busybox" ]; then
 		[ "$offline" -eq 0 ] || die "no cached busybox for $debarch (run without --offline)"
-		apt_setup "$debarch"
-		mapfile -t opts < <(apt_opts "$debarch")
 		mkdir -p "$dir.deb"
-		(cd "$dir.deb" && apt-get "${opts[@]}" -qq download busybox-static >&2)
+		(cd "$dir.deb" && dapt "$debarch" - apt-get -qq download busybox-static >&2)
 		file=$(find "$dir.deb" -name 'busybox-static_*.deb' | head -1)
 		dpkg-deb -x "$file" "$dir"
 	fi
@@ -365,11 +336,12 @@ for entry in "${entries[@]}"; do
 	note "$label: $package (${release/-/bookworm}, $arch)"
 	tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
 	initramfs=$(build_initramfs "$label" "$arch" "$tree")
-	rundir=$cache/runs/$label
+	rundir=${runs_dir:-$cache/runs}/$label
 	t0=$(date +%s)
 	boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
 	{
 		echo "must=$must"
+		echo "modes=$modes"
 		echo "release=$(kernel_release "$tree")"
 		echo "suite=${release/#-/bookworm}"
 	} >>"$rundir/meta.env"
