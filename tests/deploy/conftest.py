@@ -71,3 +71,11 @@ def tree_copy(tmp_path):
         else:
             shutil.copy2(src, root / name)
     return root
+
+
+def through_readonly_bind(source, target, command):
+    """`command` in a private mount namespace in which `source` is bound read-only at
+    `target`: what a readOnly hostPath volumeMount and BindReadOnlyPaths= give."""
+    script = 'mount --bind -o ro "$1" "$2" && shift 2 && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+            str(source), str(target), *command]

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import helm_template
+from conftest import helm_template, through_readonly_bind
 from tcpmon import loader as tcpmon_loader
 
 TCPMON = [sys.executable, "-m", "tcpmon"]
@@ -26,11 +26,14 @@ def _caps_of(helm):
             "exporter": pod["containers"][0]["securityContext"]["capabilities"]["add"]}
 
 
-def as_container(caps, *args):
-    """`tcpmon ARGS` as uid 0 holding only `caps` (Kubernetes names, e.g. BPF), no_new_privs set."""
+def as_container(caps, *args, readonly_bpffs=False):
+    """`tcpmon ARGS` as uid 0 holding only `caps` (Kubernetes names, e.g. BPF), no_new_privs
+    set, and with readonly_bpffs /sys/fs/bpf read-only as the exporter's volumeMount has it."""
     bounding = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps])
     cmd = ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
            f"--bounding-set={bounding}", "--no-new-privs", *TCPMON, *args]
+    if readonly_bpffs:
+        cmd = through_readonly_bind("/sys/fs/bpf", "/sys/fs/bpf", cmd)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -61,12 +64,14 @@ def test_loader_and_exporter_work_with_the_charts_capabilities(caps, pin_dir_for
     assert caps == {"loader": ["BPF", "PERFMON"], "exporter": ["BPF"]}
     loaded = as_container(caps["loader"], "load", "--pin-dir", pin_dir_for_caps)
     assert loaded.returncode == 0, f"tcpmon load fails with {caps['loader']}: {loaded.stderr}"
-    status = as_container(caps["exporter"], "status", "--json", "--pin-dir", pin_dir_for_caps)
+    status = as_container(caps["exporter"], "status", "--json", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
     assert status.returncode == 0, f"tcpmon status fails with {caps['exporter']}: {status.stderr}"
     report = json.loads(status.stdout)
     assert report["attached"] is True
     assert all("error" not in fill for fill in report["maps"].values()), report["maps"]
-    dumped = as_container(caps["exporter"], "dump", "--json", "--pin-dir", pin_dir_for_caps)
+    unload = as_container(caps["exporter"], "unload", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
+    assert unload.returncode != 0, "the exporter's read-only bpffs let it unload the probe"
+    dumped = as_container(caps["exporter"], "dump", "--json", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
     assert dumped.returncode == 0, f"tcpmon dump fails with {caps['exporter']}: {dumped.stderr}"
     assert isinstance(json.loads(dumped.stdout), list)
 

@@ -1,0 +1,238 @@
+"""The systemd units and scripts/install.sh: staged with DESTDIR (nothing touches this
+machine's system), verified by systemd-analyze, and the exporter run as tcpmon.service
+would run it: an unprivileged user with ambient CAP_BPF only, no_new_privs, and no
+writable-executable memory."""
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, through_readonly_bind
+from tcpmon import __version__, probe
+from tcpmon import loader as tcpmon_loader
+
+UNITS = REPO / "deploy" / "systemd"
+UNIT_DIR = "usr/local/lib/systemd/system"
+HOME = "opt/tcpmon"
+MDWE = Path(__file__).resolve().parent / "mdwe_exec.py"
+
+
+def parse_unit(path):
+    """{(section, key): [values]}: systemd allows a key more than once."""
+    entries, section = {}, None
+    for raw in Path(path).read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = line.strip("[]")
+            continue
+        key, _, value = line.partition("=")
+        entries.setdefault((section, key.strip()), []).append(value.strip())
+    return entries
+
+
+@pytest.fixture(scope="module")
+def load_unit():
+    return parse_unit(UNITS / "tcpmon-load.service")
+
+
+@pytest.fixture(scope="module")
+def exporter_unit():
+    return parse_unit(UNITS / "tcpmon.service")
+
+
+@pytest.fixture(scope="module")
+def staged():
+    """scripts/install.sh with DESTDIR: the package built and installed with /usr/bin/python3."""
+    destdir = Path(tempfile.mkdtemp(prefix="tcpmon-install-"))
+    destdir.chmod(0o755)  # the unprivileged exporter below runs from here
+    result = subprocess.run([str(REPO / "scripts/install.sh")], env=dict(os.environ, DESTDIR=str(destdir)),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"DESTDIR install failed: {result.stderr}"
+    yield destdir
+    shutil.rmtree(destdir)
+
+
+def test_loader_unit_is_a_oneshot_that_unloads_on_stop(load_unit):
+    service = {key: values for (section, key), values in load_unit.items() if section == "Service"}
+    assert service["Type"] == ["oneshot"]
+    assert service["RemainAfterExit"] == ["yes"]
+    assert [cmd.split()[:2] for cmd in service["ExecStart"]] == [["/opt/tcpmon/bin/tcpmon", "load"]]
+    assert [cmd.split()[:2] for cmd in service["ExecStop"]] == [["/opt/tcpmon/bin/tcpmon", "unload"]]
+    assert service["CapabilityBoundingSet"] == ["CAP_BPF CAP_PERFMON CAP_CHOWN"]
+    assert service["NoNewPrivileges"] == ["yes"]
+
+
+def test_exporter_unit_is_unprivileged_with_cap_bpf_only(exporter_unit):
+    unit = {key: values for (section, key), values in exporter_unit.items() if section == "Unit"}
+    service = {key: values for (section, key), values in exporter_unit.items() if section == "Service"}
+    assert "tcpmon-load.service" in unit["Requires"][0].split()
+    assert "tcpmon-load.service" in unit["After"][0].split()
+    assert service["CapabilityBoundingSet"] == ["CAP_BPF"]
+    assert service["AmbientCapabilities"] == ["CAP_BPF"]
+    assert service["User"] != ["root"] and "DynamicUser" not in service
+    for key, value in (("NoNewPrivileges", "yes"), ("ProtectSystem", "strict"), ("ProtectHome", "yes"),
+                       ("PrivateTmp", "yes"), ("PrivateDevices", "yes"), ("MemoryDenyWriteExecute", "yes")):
+        assert service[key] == [value], key
+    assert [cmd.split()[:2] for cmd in service["ExecStart"]] == [["/opt/tcpmon/bin/tcpmon", "serve"]]
+
+
+def _pin_dir_flag(command):
+    args = command.split()
+    return args[args.index("--pin-dir") + 1]
+
+
+def test_units_agree_on_the_pin_dir_and_the_group(load_unit, exporter_unit):
+    loaded = _pin_dir_flag(load_unit[("Service", "ExecStart")][0])
+    assert loaded == _pin_dir_flag(load_unit[("Service", "ExecStop")][0]) == probe.DEFAULT_PIN_DIR
+    source, target = exporter_unit[("Service", "BindReadOnlyPaths")][0].split(":")
+    assert source == loaded
+    assert _pin_dir_flag(exporter_unit[("Service", "ExecStart")][0]) == target
+    posts = [cmd.split() for cmd in load_unit[("Service", "ExecStartPost")]]
+    paths = {arg for cmd in posts for arg in cmd[1:] if arg.startswith("/")}
+    pins = probe.Pins(loaded)
+    assert paths == {loaded} | {str(link) for link in pins.links()}
+    group = next(cmd[-2] for cmd in posts if cmd[0].endswith("chgrp"))
+    assert exporter_unit[("Service", "Group")] == [group]
+    user_line = (UNITS / "tcpmon.sysusers").read_text().split("\n")
+    assert any(re.match(rf"u\s+{group}\s", line) for line in user_line)
+    assert exporter_unit[("Service", "User")] == [group]
+
+
+def test_install_stages_everything_under_destdir(staged):
+    for rel in (f"{UNIT_DIR}/tcpmon-load.service", f"{UNIT_DIR}/tcpmon.service",
+                "usr/local/lib/sysusers.d/tcpmon.conf", "etc/default/tcpmon"):
+        assert (staged / rel).is_file(), rel
+    assert (UNITS / "tcpmon.service").read_text() == (staged / UNIT_DIR / "tcpmon.service").read_text()
+    assert os.readlink(staged / "usr/local/bin/tcpmon") == "/opt/tcpmon/bin/tcpmon"
+    version = subprocess.run([str(staged / HOME / "bin/tcpmon"), "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"tcpmon {__version__}"
+    data = subprocess.run([str(staged / HOME / "bin/python"), "-c",
+                           "import tcpmon.loader as l, os; print(os.path.getsize(l.default_object()))"],
+                          capture_output=True, text=True)
+    assert data.returncode == 0 and int(data.stdout) > 0, data.stderr
+
+
+def test_installed_units_verify_against_the_installed_layout(staged, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(staged, root, symlinks=True)
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    (root / "usr/bin").mkdir(parents=True, exist_ok=True)
+    for tool in ("/usr/bin/chgrp", "/usr/bin/chmod"):
+        shutil.copy2(tool, root / tool.lstrip("/"))
+    result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "tcpmon-load.service", "tcpmon.service"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), result.stderr
+    (root / HOME / "bin/tcpmon").unlink()
+    missing = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "tcpmon.service"],
+                             capture_output=True, text=True)
+    assert "tcpmon is not executable" in missing.stderr
+
+
+def _exposure(root, unit):
+    out = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--root={root}", unit],
+                         capture_output=True, text=True, check=True).stdout
+    return re.search(r"Overall exposure level for \S+: (\d+\.\d)", out).group(1)
+
+
+def test_documented_exposure_is_what_systemd_analyze_says(staged):
+    docs = (REPO / "docs" / "DEVELOPMENT.md").read_text()
+    for unit in ("tcpmon.service", "tcpmon-load.service"):
+        documented = re.search(rf"`{re.escape(unit)}`[^|\n]*\|\s*(\d+\.\d)", docs)
+        assert documented, f"docs/DEVELOPMENT.md has no exposure row for {unit}"
+        assert documented.group(1) == _exposure(staged, unit), unit
+
+
+def test_install_refuses_unknown_options():
+    result = subprocess.run([str(REPO / "scripts/install.sh"), "--prefix=/x"], capture_output=True, text=True,
+                            env=dict(os.environ, DESTDIR="/nonexistent-never-written"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["install: unknown option '--prefix=/x': use --units-only or --no-start"]
+    assert not os.path.exists("/nonexistent-never-written")
+
+
+def _free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _as_tcpmon_service(staged, pin_dir, view, *args):
+    """The staged `tcpmon ARGS --pin-dir VIEW` as tcpmon.service runs it: uid/gid nobody,
+    CAP_BPF ambient and bounding, no_new_privs, MemoryDenyWriteExecute (the kernel's
+    PR_SET_MDWE), and the pin dir bound read-only at VIEW (BindReadOnlyPaths=)."""
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
+               "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
+               "/usr/bin/python3", str(MDWE), str(staged / HOME / "bin/tcpmon"), *args, "--pin-dir", view]
+    return through_readonly_bind(pin_dir, view, command)
+
+
+@pytest.fixture
+def shared_pins(load_unit):
+    """The probe loaded under a private pin dir, then the loader unit's ExecStartPost
+    commands run on it with group nogroup in place of tcpmon."""
+    pin_dir = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
+    tcpmon_loader.load(pin_dir)
+    view = tempfile.mkdtemp(prefix="tcpmon-pins-")  # where BindReadOnlyPaths= puts them
+    os.chmod(view, 0o755)
+
+    def share():
+        for command in load_unit[("Service", "ExecStartPost")]:
+            args = [arg.replace(probe.DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
+            if args[0].endswith("chgrp"):
+                args[-2] = "nogroup"
+            subprocess.run(args, check=True)
+
+    yield pin_dir, view, share
+    tcpmon_loader.unload(pin_dir)
+    os.rmdir(view)
+
+
+def test_unprivileged_exporter_reads_pins_the_loader_unit_shared(staged, shared_pins):
+    pin_dir, view, share = shared_pins
+    before = subprocess.run(_as_tcpmon_service(staged, pin_dir, view, "dump", "--json"),
+                            capture_output=True, text=True, timeout=60)
+    assert before.returncode != 0, "user nobody read the pins before ExecStartPost made them group-readable"
+    share()
+    after = subprocess.run(_as_tcpmon_service(staged, pin_dir, view, "dump", "--json"),
+                           capture_output=True, text=True, timeout=60)
+    assert after.returncode == 0, after.stderr
+
+
+def test_unprivileged_exporter_serves_under_the_units_restrictions(staged, shared_pins):
+    pin_dir, view, share = shared_pins
+    share()
+    metrics, health = _free_port(), _free_port()
+    proc = subprocess.Popen(_as_tcpmon_service(staged, pin_dir, view, "serve",
+                                               "--metrics-addr", f"127.0.0.1:{metrics}",
+                                               "--health-addr", f"127.0.0.1:{health}"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{health}/readiness", timeout=2) as reply:
+                    assert reply.status == 200
+                    break
+            except (urllib.error.URLError, ConnectionError) as exc:
+                assert proc.poll() is None, f"tcpmon serve exited: {proc.communicate()[1]}"
+                assert time.monotonic() < deadline, f"tcpmon serve never became ready: {exc}"
+                time.sleep(0.3)
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as reply:
+            body = reply.read().decode()
+        assert "# TYPE tcp_connects_by_pid gauge" in body
+        assert re.search(r"^tcpmon_probe_attached\{mode=\"\w+\"\} 1(\.0)?$", body, re.M), body[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
