@@ -24,7 +24,7 @@ from tcpmon import loader as tcpmon_loader
 UNITS = REPO / "deploy" / "systemd"
 UNIT_DIR = "usr/local/lib/systemd/system"
 HOME = "opt/tcpmon"
-MDWE = Path(__file__).resolve().parent / "mdwe_exec.py"
+SANDBOX = Path(__file__).resolve().parent / "unit_sandbox.py"
 
 
 def parse_unit(path):
@@ -170,12 +170,49 @@ def _free_port():
 
 def _as_tcpmon_service(staged, pin_dir, view, *args):
     """The staged `tcpmon ARGS --pin-dir VIEW` as tcpmon.service runs it: uid/gid nobody,
-    CAP_BPF ambient and bounding, no_new_privs, MemoryDenyWriteExecute (the kernel's
-    PR_SET_MDWE), and the pin dir bound read-only at VIEW (BindReadOnlyPaths=)."""
+    CAP_BPF ambient and bounding, no_new_privs, the unit's MemoryDenyWriteExecute= and
+    SystemCallFilter= (unit_sandbox.py), and the pin dir bound read-only at VIEW
+    (BindReadOnlyPaths=)."""
     command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
                "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
-               "/usr/bin/python3", str(MDWE), str(staged / HOME / "bin/tcpmon"), *args, "--pin-dir", view]
+               "/usr/bin/python3", str(SANDBOX), str(staged / UNIT_DIR / "tcpmon.service"),
+               str(staged / HOME / "bin/tcpmon"), *args, "--pin-dir", view]
     return through_readonly_bind(pin_dir, view, command)
+
+
+def _as_loader_service(staged, *command):
+    """`command` as tcpmon-load.service runs its Exec* lines: root holding only the unit's
+    capabilities, no_new_privs, the unit's MemoryDenyWriteExecute= and SystemCallFilter=."""
+    caps = parse_unit(staged / UNIT_DIR / "tcpmon-load.service")[("Service", "CapabilityBoundingSet")][0]
+    bounding = ",".join(["-all"] + ["+" + cap.removeprefix("CAP_").lower() for cap in caps.split()])
+    return ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
+            f"--bounding-set={bounding}", "--no-new-privs", "/usr/bin/python3", str(SANDBOX),
+            str(staged / UNIT_DIR / "tcpmon-load.service"), *command]
+
+
+def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, load_unit):
+    pin_dir = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
+    service = {key: values for (section, key), values in load_unit.items() if section == "Service"}
+
+    def run(command):
+        args = [arg.replace(probe.DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
+        args = [str(staged / HOME / "bin/tcpmon") if arg == "/opt/tcpmon/bin/tcpmon" else arg for arg in args]
+        if args[0].endswith("chgrp"):
+            args[-2] = "nogroup"  # user tcpmon exists only where install.sh ran for real
+        return subprocess.run(_as_loader_service(staged, *args), capture_output=True, text=True, timeout=120)
+
+    try:
+        for command in service["ExecStart"] + service["ExecStartPost"]:
+            result = run(command)
+            assert result.returncode == 0, f"{command}: {result.stderr}"
+        assert probe.inspect(probe.Pins(pin_dir)).attached
+        for link in probe.Pins(pin_dir).links():
+            assert oct(os.stat(link).st_mode & 0o070) == "0o60", link
+        result = run(service["ExecStop"][0])
+        assert result.returncode == 0, result.stderr
+        assert not os.path.exists(pin_dir)
+    finally:
+        tcpmon_loader.unload(pin_dir)
 
 
 @pytest.fixture
