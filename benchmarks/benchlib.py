@@ -1,0 +1,565 @@
+"""What tcpmon's benchmarks are made of: helpers compiled from benchmarks/*.c, maps with the
+production layout in private pin dirs, process farms in network namespaces, the baselines'
+readers, kernel BPF run-time stats, bpftrace, and small HTTP and /proc helpers.
+
+Named benchlib (not conftest) so that `from conftest import ...` in tests/ never finds it.
+"""
+import ctypes
+import errno
+import glob
+import http.client
+import importlib.util
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tcpmon import _maps, loader, probe
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+BUILD = ROOT / "build" / "benchmarks"
+PYTHON = sys.executable
+
+MAP_TYPE_HASH = 1
+MAP_TYPE_PERCPU_ARRAY = 6
+PID_VALUE = struct.Struct("=Q16s")
+COMM_LEN = _maps.COMM_LEN
+
+# Every pin dir the benchmarks make: the tests' private prefix, so stray ones are recognisable.
+PIN_PREFIX = f"/sys/fs/bpf/tcpmon-test-{os.getpid()}-bench-"
+
+
+def tests_helpers():
+    """tests/conftest.py (Exporter, http_get, ...), imported under a name of its own."""
+    name = "tcpmon_tests_conftest"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "conftest.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+# --- timing ---
+
+def timed(benchmark, fn, rounds, warmup=1):
+    """Run `fn` under pytest-benchmark: (its last result, {min, median, mean, rounds} in seconds).
+    In the quick mode fn runs once and the stats are None."""
+    result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup if benchmark.enabled else 0)
+    if not benchmark.enabled or benchmark.stats is None:
+        return result, None
+    stats = benchmark.stats.stats
+    return result, {"min": stats.min, "median": stats.median, "mean": stats.mean, "rounds": stats.rounds}
+
+
+def max_pids_for(n):
+    """The loader's --max-pids a user would pick for n PIDs: the default, or the next power of two."""
+    size = _maps.DEFAULT_MAX_PIDS
+    while size < n:
+        size *= 2
+    return size
+
+
+# --- helpers compiled from benchmarks/ -------------------------------------------------------
+
+def _stale(target, *sources):
+    return not target.exists() or any(src.stat().st_mtime > target.stat().st_mtime for src in sources)
+
+
+def _compile(target, sources, command):
+    """Run `command` (which writes to {out}) into a temporary file, then rename: concurrent runs never
+    see a half-written helper."""
+    if not _stale(target, *sources):
+        return target
+    BUILD.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    cmd = [part.replace("{out}", str(tmp)) for part in command]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stderr}")
+    os.replace(tmp, target)
+    return target
+
+
+def build_helpers():
+    """{name: path} of the compiled helpers (rebuilt when their source changed)."""
+    arch = {"x86_64": "x86", "aarch64": "arm64", "riscv64": "riscv"}.get(platform.machine(), "x86")
+    return {
+        "libbpfbench": _compile(BUILD / "libbpfbench.so", [BENCH / "bpfbench.c"],
+                                ["gcc", "-O2", "-Wall", "-Wextra", "-shared", "-fPIC", "-o", "{out}",
+                                 str(BENCH / "bpfbench.c")]),
+        "procfarm": _compile(BUILD / "procfarm", [BENCH / "procfarm.c"],
+                             ["gcc", "-O2", "-Wall", "-Wextra", "-o", "{out}", str(BENCH / "procfarm.c")]),
+        "noop": _compile(BUILD / "noop.bpf.o", [BENCH / "noop.bpf.c"],
+                         ["clang", "-O2", "-g", "-target", "bpf", f"-D__TARGET_ARCH_{arch}", "-c",
+                          str(BENCH / "noop.bpf.c"), "-o", "{out}"]),
+    }
+
+
+class BenchLib:
+    """ctypes binding of libbpfbench.so (benchmarks/bpfbench.c)."""
+
+    def __init__(self, path):
+        lib = ctypes.CDLL(str(path), use_errno=True)
+        u32, cp, vp = ctypes.c_uint32, ctypes.c_char_p, ctypes.c_void_p
+        lib.bench_map_create.argtypes = [u32, cp, u32, u32, u32, cp]
+        lib.bench_update_batch.argtypes = [ctypes.c_int, cp, cp, u32, u32, u32]
+        lib.bench_read_batch.argtypes = [ctypes.c_int, vp, vp, u32, u32, u32]
+        lib.bench_read_batch_calls.argtypes = [ctypes.c_int, vp, vp, u32, u32, u32]
+        lib.bench_close.argtypes = [ctypes.c_int]
+        self.lib = lib
+
+    @staticmethod
+    def _check(ret, what):
+        if ret < 0:
+            raise OSError(-ret, f"{what}: {os.strerror(-ret)}")
+        return ret
+
+    def create_map(self, map_type, name, key_size, value_size, max_entries, pin_path):
+        """Create a map, pin it at `pin_path`; returns its fd."""
+        return self._check(self.lib.bench_map_create(map_type, name.encode(), key_size, value_size,
+                                                     max_entries, str(pin_path).encode()),
+                           f"create and pin {pin_path}")
+
+    def update_batch(self, fd, keys, values, count, key_size, value_size):
+        return self._check(self.lib.bench_update_batch(fd, keys, values, count, key_size, value_size),
+                           "BPF_MAP_UPDATE_BATCH")
+
+    def close(self, fd):
+        self.lib.bench_close(fd)
+
+
+class BatchFloor:
+    """The floor: tcpmon's batch lookup loop in plain C, into buffers allocated once."""
+
+    def __init__(self, lib, bpf_map):
+        self.lib = lib.lib
+        self.fd = bpf_map.fileno()
+        self.capacity = bpf_map.max_entries
+        self.key_size, self.value_stride = bpf_map.key_size, bpf_map.value_stride
+        self.keys = ctypes.create_string_buffer(self.capacity * self.key_size)
+        self.values = ctypes.create_string_buffer(self.capacity * self.value_stride)
+
+    def read(self):
+        n = self.lib.bench_read_batch(self.fd, self.keys, self.values, self.capacity, self.key_size,
+                                      self.value_stride)
+        if n < 0:
+            raise OSError(-n, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(-n)}")
+        return n
+
+    def calls(self):
+        return self.lib.bench_read_batch_calls(self.fd, self.keys, self.values, self.capacity,
+                                               self.key_size, self.value_stride)
+
+
+# --- maps with the production layout -----------------------------------------------------------
+
+def synthetic_comm(j):
+    return f"synth{j}".encode()
+
+
+def create_production_maps(lib, pin_dir, n_pids, *, max_pids=_maps.DEFAULT_MAX_PIDS, pid_base=1, n_comms=100):
+    """connects, comm_totals and update_failures as the loader pins them, with `n_pids` PIDs
+    (pid_base, pid_base + 1, ...) spread over `n_comms` comms; filled with batch updates.
+    Returns {comm bytes: total} as comm_totals holds it."""
+    os.makedirs(pin_dir, exist_ok=True)
+    pins = probe.Pins(pin_dir)
+    fds = []
+    try:
+        fd = lib.create_map(MAP_TYPE_HASH, _maps.MAP_CONNECTS, _maps.PID_KEY_SIZE, _maps.PID_VALUE_SIZE,
+                            max_pids, pins.map(probe.CONNECTS))
+        fds.append(fd)
+        keys = struct.pack(f"={n_pids}I", *range(pid_base, pid_base + n_pids))
+        totals = {}
+        values = bytearray(n_pids * PID_VALUE.size)
+        for i in range(n_pids):
+            comm, connects = synthetic_comm(i % n_comms), 1 + i % 5
+            PID_VALUE.pack_into(values, i * PID_VALUE.size, connects, comm)
+            totals[comm] = totals.get(comm, 0) + connects
+        if n_pids:
+            assert lib.update_batch(fd, keys, bytes(values), n_pids, 4, PID_VALUE.size) == n_pids
+        fd = lib.create_map(MAP_TYPE_HASH, _maps.MAP_COMM_TOTALS, _maps.COMM_KEY_SIZE, _maps.COUNTER_SIZE,
+                            _maps.DEFAULT_MAX_COMMS, pins.map(probe.COMM_TOTALS))
+        fds.append(fd)
+        comm_keys = b"".join(comm.ljust(COMM_LEN, b"\0") for comm in totals)
+        comm_values = struct.pack(f"={len(totals)}Q", *totals.values())
+        if totals:
+            lib.update_batch(fd, comm_keys, comm_values, len(totals), COMM_LEN, 8)
+        fds.append(lib.create_map(MAP_TYPE_PERCPU_ARRAY, _maps.MAP_UPDATE_FAILURES, 4, 8,
+                                  _maps.FAILURE_SLOTS, pins.map(probe.UPDATE_FAILURES)))
+        return totals
+    finally:
+        for fd in fds:
+            lib.close(fd)
+
+
+def remove_pin_dir(pin_dir):
+    """Unpin everything tcpmon pins there (links first), then anything else, then the dir."""
+    try:
+        loader.unload(pin_dir)
+    except Exception:
+        pass
+    if os.path.isdir(pin_dir):
+        shutil.rmtree(pin_dir, ignore_errors=True)
+
+
+# --- the baselines' reader: per-key bpf() through ctypes ---------------------------------------
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "armv7l": 386, "armv6l": 386, "i686": 357}
+BPF_MAP_LOOKUP_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_OBJ_GET = 1, 4, 7
+BPF_F_RDONLY = 1 << 3
+
+
+class _ElemAttr(ctypes.Structure):
+    """union bpf_attr as BPF_MAP_LOOKUP_ELEM / BPF_MAP_GET_NEXT_KEY use it."""
+    _fields_ = [("map_fd", ctypes.c_uint32), ("_pad", ctypes.c_uint32), ("key", ctypes.c_uint64),
+                ("value", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+class _ObjAttr(ctypes.Structure):
+    _fields_ = [("pathname", ctypes.c_uint64), ("bpf_fd", ctypes.c_uint32), ("file_flags", ctypes.c_uint32)]
+
+
+class _PidValue(ctypes.Structure):
+    _fields_ = [("connects", ctypes.c_uint64), ("comm", ctypes.c_char * COMM_LEN)]
+
+
+class CtypesPidMap:
+    """The reader a user writes in Python without tcpmon: open the pin, then GET_NEXT_KEY +
+    LOOKUP_ELEM per key through ctypes (what bcc's table iteration does)."""
+
+    def __init__(self, path):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.nr = _SYS_BPF[platform.machine()]
+        cpath = ctypes.create_string_buffer(os.fsencode(path))
+        attr = _ObjAttr(pathname=ctypes.addressof(cpath), file_flags=BPF_F_RDONLY)
+        fd = self.libc.syscall(self.nr, BPF_OBJ_GET, ctypes.byref(attr), ctypes.sizeof(attr))
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"BPF_OBJ_GET {path}: {os.strerror(err)}")
+        self.fd = fd
+
+    def items(self):
+        """{pid: (connects, comm bytes)}; a key deleted under the walk restarts it, hence the dict."""
+        syscall, nr = self.libc.syscall, self.nr
+        key, next_key, value = ctypes.c_uint32(), ctypes.c_uint32(), _PidValue()
+        step = _ElemAttr(map_fd=self.fd, key=0, value=ctypes.addressof(next_key))
+        lookup = _ElemAttr(map_fd=self.fd, key=ctypes.addressof(next_key), value=ctypes.addressof(value))
+        step_ref, lookup_ref, size = ctypes.byref(step), ctypes.byref(lookup), ctypes.sizeof(_ElemAttr)
+        entries = {}
+        while True:
+            if syscall(nr, BPF_MAP_GET_NEXT_KEY, step_ref, size) < 0:
+                err = ctypes.get_errno()
+                if err == errno.ENOENT:
+                    return entries
+                raise OSError(err, f"BPF_MAP_GET_NEXT_KEY: {os.strerror(err)}")
+            if syscall(nr, BPF_MAP_LOOKUP_ELEM, lookup_ref, size) == 0:
+                entries[next_key.value] = (value.connects, value.comm)
+            key.value = next_key.value
+            step.key = ctypes.addressof(key)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- processes ------------------------------------------------------------------------------
+
+def _json_line(proc, what, timeout):
+    """The first stdout line of `proc` as JSON, within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    import selectors
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while time.monotonic() < deadline:
+            if sel.select(timeout=1):
+                line = proc.stdout.readline()
+                if not line:
+                    break
+                return json.loads(line)
+            if proc.poll() is not None:
+                break
+    proc.kill()
+    raise RuntimeError(f"{what} gave no report: {proc.stderr.read() if proc.stderr else ''}")
+
+
+class Farm:
+    """`procfarm hold`: N live processes in a netns of their own, each named PREFIX<i % ncomms>,
+    each with exactly one connect attempt."""
+
+    def __init__(self, procfarm, n, prefix, ncomms=100, timeout=300):
+        self.prefix, self.ncomms = prefix, ncomms
+        self.proc = subprocess.Popen(["unshare", "-n", str(procfarm), "hold", str(n), prefix, str(ncomms)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        report = _json_line(self.proc, "procfarm hold", timeout)
+        self.pids, self.errors = report["pids"], report["errors"]
+
+    def comm(self, i):
+        return f"{self.prefix}{i % self.ncomms}"
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Churn:
+    """`procfarm churn`: TOTAL short-lived processes named COMM (BATCH at a time), then up to REUSE
+    of their PIDs handed to new live processes named REUSECOMM."""
+
+    def __init__(self, procfarm, total, batch, comm, reuse, reuse_comm, timeout=540):
+        started = time.perf_counter()
+        self.proc = subprocess.Popen(["unshare", "-n", str(procfarm), "churn", str(total), str(batch), comm,
+                                      str(reuse), reuse_comm],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.report = _json_line(self.proc, "procfarm churn", timeout)
+        self.seconds = time.perf_counter() - started
+
+    close = Farm.close
+
+
+def connect_loop(procfarm, count, seconds, mode="refused", comm=None):
+    """{"connects", "seconds", "errors"} of one tight connect loop in a fresh netns."""
+    cmd = ["unshare", "-n", str(procfarm), "loop", str(count), str(seconds), mode] + ([comm] if comm else [])
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    if result.returncode != 0:
+        raise RuntimeError(f"procfarm loop failed: {result.stderr}")
+    return json.loads(result.stdout)
+
+
+def rss_bytes(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def children(pid):
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def alive(pid):
+    """Running (a zombie has exited: it is dead for tcpmon's purposes)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def stop(proc, timeout=20):
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+# --- HTTP -----------------------------------------------------------------------------------
+
+def get(port, path="/metrics", timeout=120):
+    """One GET on a fresh connection (the same client for tcpmon and the baseline): the body."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+    finally:
+        conn.close()
+    if response.status != 200:
+        raise RuntimeError(f"GET :{port}{path}: {response.status} {body[:200]!r}")
+    return body
+
+
+def wait_http(port, path, proc, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            get(port, path, timeout=2)
+            return
+        except (OSError, RuntimeError):
+            time.sleep(0.1)
+    raise RuntimeError(f"nothing answered :{port}{path}")
+
+
+class OldAgent:
+    """benchmarks/old_agent.py serving the pin dir's connects map."""
+
+    def __init__(self, pin_dir):
+        self.port = tests_helpers().free_port()
+        self.proc = subprocess.Popen([PYTHON, str(BENCH / "old_agent.py"), "--pin-dir", str(pin_dir),
+                                      "--port", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        wait_http(self.port, "/", self.proc)
+
+    def scrape(self):
+        return get(self.port)
+
+    def stop(self):
+        stop(self.proc)
+
+
+# --- kernel BPF statistics and bpftrace ------------------------------------------------------
+
+BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
+
+
+class BpfStats:
+    """kernel.bpf_stats_enabled=1 for the block, then the value it had."""
+    changed = []   # values to restore if the run dies inside the block (see conftest)
+
+    def __enter__(self):
+        with open(BPF_STATS) as f:
+            self.before = f.read().strip()
+        BpfStats.changed.append(self.before)
+        with open(BPF_STATS, "w") as f:
+            f.write("1")
+        return self
+
+    def __exit__(self, *exc):
+        with open(BPF_STATS, "w") as f:
+            f.write(self.before)
+        BpfStats.changed.remove(self.before)
+
+
+def prog_stats(prog_id):
+    """(run_time_ns, run_cnt) of a loaded program (0, 0 while stats were never on)."""
+    out = subprocess.run(["bpftool", "prog", "show", "id", str(prog_id), "--json"], capture_output=True,
+                         text=True, check=True).stdout
+    info = json.loads(out)
+    return info.get("run_time_ns", 0), info.get("run_cnt", 0)
+
+
+def prog_ids_of(pid):
+    """IDs of the BPF programs process `pid` holds open."""
+    ids = set()
+    for path in glob.glob(f"/proc/{pid}/fdinfo/*"):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except OSError:
+            continue
+        match = re.search(r"^prog_id:\s*(\d+)", text, re.M)
+        if match:
+            ids.add(int(match.group(1)))
+    return ids
+
+
+# The same counting as tcpmon on the same hook: per PID and per comm, PIDs dropped at exit.
+# bpftrace 0.17 has no tp_btf probes: for tp_btf it runs on the same kernel tracepoint through
+# the classic (perf) tracepoint attach.
+BPFTRACE_SCRIPTS = {
+    "tracepoint": """
+tracepoint:sock:inet_sock_set_state
+/args->oldstate == 7 && args->newstate == 2 && args->protocol == 6/
+{ @connects[pid] = count(); @comm_totals[comm] = count(); }
+tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
+""",
+    "kprobe": """
+kprobe:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
+tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
+""",
+    "fentry": """
+kfunc:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
+tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
+""",
+}
+BPFTRACE_SCRIPTS["tp_btf"] = BPFTRACE_SCRIPTS["tracepoint"]
+BPFTRACE_HOOK = {"tracepoint": "tracepoint sock:inet_sock_set_state",
+                 "tp_btf": "tracepoint sock:inet_sock_set_state (bpftrace 0.17 has no tp_btf)",
+                 "kprobe": "kprobe tcp_connect", "fentry": "kfunc tcp_connect"}
+
+
+class Bpftrace:
+    """bpftrace running `script` until stop(); `programs` are the IDs of its loaded programs."""
+
+    def __init__(self, script, programs=2, timeout=60):
+        self.proc = subprocess.Popen(["bpftrace", "-e", script], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, errors="replace")
+        deadline = time.monotonic() + timeout
+        self.programs = set()
+        while len(self.programs) < programs:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                output = self.proc.stdout.read() if self.proc.poll() is not None else ""
+                stop(self.proc)
+                raise RuntimeError(f"bpftrace did not attach: {output}")
+            time.sleep(0.1)
+            self.programs = prog_ids_of(self.proc.pid)
+        time.sleep(0.5)  # attach follows load
+
+    def run_time_ns(self):
+        return sum(prog_stats(prog)[0] for prog in self.programs)
+
+    def stop(self):
+        """SIGINT, and the maps it prints: {map: {key text: value}}."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = self.proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            output, _ = self.proc.communicate()
+        maps = {}
+        for name, key, value in re.findall(r"^@(\w+)\[(.*)\]: (\d+)$", output, re.M):
+            maps.setdefault(name, {})[key] = int(value)
+        return maps
+
+
+class NoopPrograms:
+    """benchmarks/noop.bpf.c's empty program for `mode`, attached: what one run costs by itself."""
+    PROGRAMS = {"tp_btf": "noop_tp_btf", "tracepoint": "noop_tp"}
+
+    def __init__(self, object_path, mode, pin_path):
+        from tcpmon import _libbpf
+        self.program = self.PROGRAMS[mode]
+        self.pin_path = str(pin_path)
+        self.obj = _libbpf.BpfObject(str(object_path))
+        for program in self.PROGRAMS.values():
+            self.obj.set_autoload(program, program == self.program)
+        self.obj.load()
+        self.link = self.obj.attach(self.program)
+        self.obj.pin_program(self.program, self.pin_path)  # for its run time, read like tcpmon's
+
+    def run_time_ns(self):
+        return _maps.pinned_prog_info(self.pin_path)["run_time_ns"]
+
+    def close(self):
+        self.link.destroy()
+        self.obj.close()
+        if os.path.exists(self.pin_path):
+            os.unlink(self.pin_path)
+
+
+def tcpmon_run_time_ns(pin_dir):
+    """Kernel run time of tcpmon's programs (connect + exit) pinned under `pin_dir`."""
+    pins = probe.Pins(pin_dir)
+    return sum(_maps.pinned_prog_info(path)["run_time_ns"] for path in pins.programs())

@@ -1,0 +1,290 @@
+"""The one results table of `make bench` and benchmarks/RESULTS.md.
+
+Tests put raw measurements into Results; rows() turns them into
+(measure, ours, baseline, ratio, target, pass) once the whole run is done, so
+every ratio compares numbers measured in this one run.  Timings are the
+minimum over pytest-benchmark's rounds (noise on a shared machine only ever
+adds time); medians are in RESULTS.md's details.
+"""
+import datetime
+import os
+import platform
+import subprocess
+from dataclasses import dataclass
+
+import benchlib
+
+
+class Results:
+    def __init__(self, full):
+        self.full = full
+        self.data = {}
+
+    def put(self, key, value):
+        self.data[key] = value
+
+    def get(self, key):
+        return self.data.get(key)
+
+
+@dataclass
+class Row:
+    measure: str
+    ours: str
+    baseline: str
+    ratio: str
+    target: str
+    passed: object  # True, False, or None for information
+
+
+def _label(n):
+    return f"{n // 1000}k" if n >= 1000 and n % 1000 == 0 else str(n)
+
+
+def _time(seconds):
+    if seconds is None:
+        return "—"
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def _ratio(x):
+    return "—" if x is None else (f"{x:.1f}×" if x >= 10 else f"{x:.2f}×")
+
+
+def _min(stats):
+    return stats["min"] if stats else None
+
+
+def _check(value, op, limit):
+    if value is None:
+        return None
+    return value <= limit if op == "<=" else value >= limit if op == ">=" else value == limit
+
+
+def map_read_rows(r):
+    rows = []
+    sizes = sorted({key[2] for key in r.data if key[0] == "read"})
+    for n in sizes:
+        a, b, c, d = (_min(r.get(("read", reader, n))) for reader in
+                      ("cython_batch", "cython_iterate", "c_floor", "ctypes_per_key"))
+        if a and c:
+            rows.append(Row(f"map read {_label(n)}: Cython batch vs C batch floor", _time(a), _time(c),
+                            _ratio(a / c), "≤ 1.2×", _check(a / c, "<=", 1.2)))
+        if a and b:
+            target = n == 10000
+            rows.append(Row(f"map read {_label(n)}: Cython batch speed-up over Cython per-key", _time(a), _time(b),
+                            _ratio(b / a), "≥ 8×" if target else "info", _check(b / a, ">=", 8) if target else None))
+        if a and d:
+            rows.append(Row(f"map read {_label(n)}: Cython batch speed-up over ctypes per-key", _time(a), _time(d),
+                            _ratio(d / a), "info", None))
+    return rows
+
+
+def scrape_rows(r):
+    rows = []
+    cases = sorted({(key[2], key[3]) for key in r.data if key[0] == "scrape"}, key=lambda case: case[1])
+    for kind, n in cases:
+        ours, base = _min(r.get(("scrape", "tcpmon", kind, n))), _min(r.get(("scrape", "old_agent", kind, n)))
+        if ours and base:
+            target = n == 10000
+            rows.append(Row(f"scrape {_label(n)} {kind}: speed-up over the old agent", _time(ours), _time(base),
+                            _ratio(base / ours), "≥ 20×" if target else "info",
+                            _check(base / ours, ">=", 20) if target else None))
+        floor = _min(r.get(("read", "c_floor", n)))
+        if ours and floor and n == 10000:
+            rows.append(Row(f"scrape {_label(n)} {kind} vs batch read floor (c) {_label(n)}", _time(ours), _time(floor),
+                            _ratio(ours / floor), "≤ 2×", _check(ours / floor, "<=", 2)))
+    small = [(kind, n) for kind, n in cases if n == 10000]
+    big = [(kind, n) for kind, n in cases if n == 100000]
+    if small and big:
+        s, b = (_min(r.get(("scrape", "tcpmon") + case)) for case in (small[0], big[0]))
+        if s and b:
+            rows.append(Row(f"scrape 100k {big[0][0]} ÷ scrape 10k {small[0][0]} (tcpmon)", _time(b), _time(s),
+                            _ratio(b / s), "≤ 10×", _check(b / s, "<=", 10)))
+    for kind, n in cases:
+        ours, base = r.get(("rss", "tcpmon", kind, n)), r.get(("rss", "old_agent", kind, n))
+        if ours:
+            target = n == 10000
+            rows.append(Row(f"exporter worker RSS at {_label(n)} {kind}", f"{ours / 2**20:.1f} MB",
+                            f"{base / 2**20:.1f} MB" if base else "—", _ratio(ours / base) if base else "—",
+                            "≤ 50 MB" if target else "info", _check(ours / 2**20, "<=", 50) if target else None))
+    return rows
+
+
+def probe_rows(r):
+    rows = []
+    for mode in ("fentry", "kprobe", "tp_btf", "tracepoint"):
+        cost = r.get(("probe", mode))
+        if cost is None:
+            continue
+        if "unsupported" in cost:
+            rows.append(Row(f"probe {mode}", "not supported here", "—", "—", "—", None))
+            continue
+        ours, base = cost["tcpmon"], cost["bpftrace"]
+        rows.append(Row(f"probe {mode}: kernel ns per connect vs bpftrace", f"{ours:.0f} ns", f"{base:.0f} ns",
+                        _ratio(ours / base), "≤ 0.5×", _check(ours / base, "<=", 0.5)))
+        if cost.get("noop") is not None:
+            floor = cost["noop"]
+            rows.append(Row(f"probe {mode}: same, above the empty-program floor ({floor:.0f} ns)",
+                            f"{ours - floor:.0f} ns", f"{base - floor:.0f} ns",
+                            _ratio((ours - floor) / (base - floor)), "info", None))
+    for mode in ("fentry", "kprobe", "tp_btf", "tracepoint"):
+        rate = r.get(("rate", mode))
+        if rate:
+            rows.append(Row(f"connects/s with the {mode} probe vs without", f"{rate['with']:,.0f}/s",
+                            f"{rate['without']:,.0f}/s", _ratio(rate["ratio"]), "≥ 0.98×",
+                            _check(rate["ratio"], ">=", 0.98)))
+    return rows
+
+
+def churn_rows(r):
+    churn = r.get(("churn",))
+    if not churn:
+        return []
+    n = churn["processes"]
+    return [
+        Row(f"PID churn {n:,}: growth of the comm total", f"{churn['growth']:,}", f"{n:,}", "—", f"= {n:,}",
+            churn["growth"] == n),
+        Row("PID churn: map update failures", str(churn["failures"]), "—", "—", "= 0", churn["failures"] == 0),
+        Row("PID churn: per-PID entries afterwards", str(churn["entries"]), "—", "—", "< 500", churn["entries"] < 500),
+        Row("PID churn: dead PIDs exported", str(churn["dead_exported"]), "—", "—", "= 0",
+            churn["dead_exported"] == 0),
+        Row(f"PID churn: reused PIDs ({churn['reused']}) starting above 1", str(churn["inherited"]), "—", "—",
+            "= 0", churn["inherited"] == 0 and churn["reused"] > 0),
+        Row("PID churn: processes per second (fork, connect, exit)", f"{n / churn['seconds']:,.0f}/s", "—", "—",
+            "info", None),
+    ]
+
+
+def rows(r):
+    return map_read_rows(r) + scrape_rows(r) + probe_rows(r) + churn_rows(r)
+
+
+_HEAD = ("measure", "ours", "baseline", "ratio", "target", "result")
+
+
+def _cells(row):
+    verdict = {True: "PASS", False: "FAIL", None: "info"}[row.passed]
+    return (row.measure, row.ours, row.baseline, row.ratio, row.target, verdict)
+
+
+def text_table(rows):
+    table = [_HEAD] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(_HEAD))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def markdown_table(rows):
+    lines = ["| " + " | ".join(_HEAD) + " |", "|" + "---|" * len(_HEAD)]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _command(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=20).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def environment():
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    uname = os.uname()
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "kernel": f"{uname.release} ({uname.version})",
+        "cpu": f"{cpu}, {os.cpu_count()} CPUs ({platform.machine()})",
+        "python": platform.python_version(),
+        "bpftrace": _command("bpftrace", "--version"),
+        "commit": _command("git", "-C", str(benchlib.ROOT), "rev-parse", "--short", "HEAD"),
+        "load": " ".join(open("/proc/loadavg").read().split()[:3]),
+    }
+
+
+def details(r):
+    lines = ["| measurement | min | median | rounds |", "|---|---|---|---|"]
+    for key, value in r.data.items():
+        if isinstance(value, dict) and "min" in value:
+            lines.append(f"| {' '.join(str(part) for part in key)} | {_time(value['min'])} | "
+                         f"{_time(value['median'])} | {value['rounds']} |")
+    for key, value in r.data.items():
+        if key[0] in ("probe", "rate", "churn", "read_calls", "scrape_bytes"):
+            lines.append(f"| {' '.join(str(part) for part in key)} | {value} | | |")
+    return "\n".join(lines)
+
+
+def markdown(r, rows):
+    env = environment()
+    failed = [row for row in rows if row.passed is False]
+    parts = [
+        "# tcpmon benchmark results",
+        "",
+        "Written by `make bench` (benchmarks/, issue 4). Every ratio compares numbers measured in the same run;",
+        "absolute times are for information only (this machine is shared and noisy).",
+        "",
+        f"- date: {env['date']}",
+        f"- kernel: {env['kernel']}",
+        f"- CPU: {env['cpu']}",
+        f"- load average at the end: {env['load']}",
+        f"- Python {env['python']}, {env['bpftrace']}, tcpmon commit {env['commit']}",
+        "",
+        markdown_table(rows),
+        "",
+        f"{len(rows) - sum(row.passed is None for row in rows)} targets: "
+        f"{sum(row.passed is True for row in rows)} passed, {len(failed)} failed.",
+        "",
+        METHOD,
+        "",
+        "## Details (seconds are pytest-benchmark's; min is what the table uses)",
+        "",
+        details(r),
+        "",
+    ]
+    notes = [ANALYSIS[key] for key in ANALYSIS if any(row.measure.startswith(key) for row in failed)]
+    if notes:
+        parts += ["## Missed targets: cause and proposed fix", ""] + notes + [""]
+    return "\n".join(parts)
+
+
+METHOD = """## Method
+
+- **Map read**: maps with the production layout (`connects`: hash, u32 → 24-byte value, max_entries
+  65536, or 131072 for 100k entries as `--max-pids` would set), pinned in a private pin dir and filled with
+  BPF_MAP_UPDATE_BATCH by `bpfbench.c`. (a) `BpfMap.read("batch")`, (b) `BpfMap.read("iterate")`,
+  (c) the same BPF_MAP_LOOKUP_BATCH loop in plain C (`bench_read_batch`, compiled by the benchmark, called
+  through ctypes into buffers allocated once), (d) GET_NEXT_KEY + LOOKUP_ELEM per key through ctypes
+  (`benchlib.CtypesPidMap`). Every reader's entries are checked against what was inserted.
+- **Scrape**: GET /metrics on a fresh loopback connection, same client for both. tcpmon: `tcpmon serve`
+  (gunicorn, 1 worker). Baseline: `old_agent.py` (per-key ctypes walk, /proc/<pid>/comm per PID, one
+  prometheus-client Gauge child per series, `generate_latest()` from prometheus-client's own WSGI server).
+  1k and 10k are live processes from `procfarm hold` (each names itself, makes one refused connect in a
+  netns of its own, and waits) counted by the real probe; 100k is the map-only case (pid_max is 32768):
+  synthetic PIDs above pid_max, so the baseline's /proc reads all miss (cheaper than real reads).
+- **Probe cost**: kernel.bpf_stats_enabled=1 (restored afterwards); tcpmon (loaded first, so it runs first
+  on the hook), a bpftrace script counting the same per-PID and per-comm totals (plus its exit probe) and an
+  empty program (`noop.bpf.c`) are attached together and see the same connects: `procfarm loop`, refused
+  connects in a netns (each is 2 runs on inet_sock_set_state: CLOSE→SYN_SENT, SYN_SENT→CLOSE). ns per
+  connect = Δ(sum of run_time_ns of the programs) ÷ connects made, per window; the best window is shown.
+  The empty program's cost is mostly the two clock reads bpf_stats itself adds to each run.
+- **connects/s**: the same loop for 1 s with and without the probe (stats off, as in production), in
+  alternating rounds in shuffled order; ratio = median over rounds of (with ÷ without of that round).
+- **Memory**: VmRSS of the gunicorn worker after the scrapes (old agent: its only process).
+- **PID churn**: `procfarm churn` forks the processes 500 at a time, each named the same, one refused
+  connect, exit; then it steers the kernel (ns_last_pid) into giving some of their dead PIDs to new live
+  processes that connect once each. Checked through `tcpmon serve`'s /metrics: the comm total, update
+  failures, `tcpmon_map_entries{map="connects"}`, every exported PID alive (re-checked on a second scrape),
+  every reused PID at exactly 1."""
+
+# Filled in from profiling (py-spy, perf); shown for each row prefix that failed in this run.
+ANALYSIS = {}
