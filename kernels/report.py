@@ -92,6 +92,15 @@ def judge(result, must_work):
     return ("FAIL" if reasons else "PASS"), reasons
 
 
+def kernel_package(debs):
+    """'linux-image-6.1.0-57-amd64 6.1.192-3' from the .deb names run-matrix unpacked."""
+    for deb in debs.split():
+        name, _, rest = deb.partition("_")
+        if name.startswith(("linux-image-", "linux-binary-")) and name.split("-")[2][:1].isdigit():
+            return f"{name} {rest.rpartition('_')[0].replace('%3a', ':')}"
+    return debs
+
+
 def last_line(text):
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else ""
@@ -113,7 +122,7 @@ def evaluate(rundirs):
         kernel = facts.get("release") or meta.get("release", "?")
         kernels.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
                         "machine": facts.get("machine", "?"), "suite": meta.get("suite", "?"),
-                        "packages": meta.get("packages", "").strip(), "seconds": meta.get("boot_seconds", "?"),
+                        "packages": kernel_package(meta.get("packages", "")), "seconds": meta.get("boot_seconds", "?"),
                         "qemu": meta.get("qemu", "?"), "facts": facts})
         seen = set()
         for result in results:
@@ -126,11 +135,13 @@ def evaluate(rundirs):
         missing = [m for m in must if m not in seen]
         if done_rc is None or done_rc != "0" or missing or not results:
             why = []
-            if meta.get("qemu_rc") == "124":
+            if meta.get("setup_error"):
+                why.append(f"setup failed: {meta['setup_error']}")
+            elif meta.get("qemu_rc") == "124":
                 why.append("guest hung (timeout)")
-            if done_rc is None:
+            if done_rc is None and not meta.get("setup_error"):
                 why.append(f"guest did not finish (qemu exit {meta.get('qemu_rc', '?')})")
-            elif done_rc != "0":
+            elif done_rc is not None and done_rc != "0":
                 why.append(f"smoke exited {done_rc}")
             if missing:
                 why.append(f"no result for {', '.join(missing)}")
@@ -182,7 +193,7 @@ def markdown(rows, kernels, failures):
             yes_no.get(r.get("pid_dropped_on_exit"), "–"), yes_no.get(r.get("unloaded"), "–"),
             verdict.replace("|", "\\|")]) + " |")
     out += ["", "## Guests", "",
-            "| label | kernel | packages | suite | guest | BTF | kprobe PMU | seconds (boot to poweroff) |",
+            "| label | kernel | package | suite | guest | BTF | kprobe PMU | seconds (boot to poweroff) |",
             "|---|---|---|---|---|---|---|---|"]
     for k in kernels:
         f = k["facts"]

@@ -193,8 +193,10 @@ module_load_order() { # MODDIR NAME...
 	for name in "$@"; do
 		line=$(grep -E "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" || true)
 		if [ -z "$line" ]; then
-			grep -Eq "(^|/)${name}\.ko$" "$moddir/modules.builtin" ||
+			# Newer packages ship only modules.builtin.bin: a module they lack is taken as built in.
+			if [ -f "$moddir/modules.builtin" ] && ! grep -Eq "(^|/)${name}\.ko$" "$moddir/modules.builtin"; then
 				die "$moddir: module $name is neither built in nor in modules.dep"
+			fi
 			continue
 		fi
 		read -r -a deps <<<"${line#*:}"
@@ -232,13 +234,15 @@ busybox_for() { # ARCH: a static busybox for the guest
 
 # Builds (once per kernel, init script and busybox) the initramfs; prints its path.
 build_initramfs() { # LABEL ARCH TREE
-	local label=$1 arch=$2 tree=$3 dir rel moddir busybox key stage ko
+	local label=$1 arch=$2 tree=$3 dir rel moddir busybox key stage ko order name
 	dir=$cache/$label
 	rel=$(kernel_release "$tree")
 	moddir=$(modules_root "$tree" "$rel")
 	busybox=$(busybox_for "$arch")
 	[ -f "$moddir/modules.dep" ] || depmod -b "${moddir%/lib/modules/*}" "$rel"
-	key=$({ sha256sum "$here/guest-init.sh" "$busybox" | cut -d' ' -f1; echo "$rel"; cat "$dir/debs.txt"; } | sha256sum | cut -d' ' -f1)
+	order=$(module_load_order "$moddir" "${NEEDED_MODULES[@]}")
+	key=$({ sha256sum "$here/guest-init.sh" "$busybox" | cut -d' ' -f1; echo "$rel $order"; cat "$dir/debs.txt"; } |
+		sha256sum | cut -d' ' -f1)
 	if [ -f "$dir/initramfs.gz" ] && [ "$(cat "$dir/initramfs.key" 2>/dev/null)" = "$key" ]; then
 		echo "$dir/initramfs.gz"
 		return
@@ -252,14 +256,18 @@ build_initramfs() { # LABEL ARCH TREE
 	install -m 0755 "$here/guest-init.sh" "$stage/init"
 	: >"$stage/modules.list"
 	while read -r ko; do
+		[ -n "$ko" ] || continue
+		name=$(basename "$ko")
+		name=${name%.xz} name=${name%.zst} name=${name%.gz}
+		# busybox insmod wants plain .ko files
 		case $ko in
-		*.xz) xz -dc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.xz}")" ;;
-		*.zst) zstd -qdc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.zst}")" ;;
-		*.gz) gzip -dc "$moddir/$ko" >"$stage/modules/$(basename "${ko%.gz}")" ;;
-		*) cp "$moddir/$ko" "$stage/modules/" ;;
-		esac
-		basename "${ko%.*}" | sed 's/$/.ko/; s/\.ko\.ko$/.ko/' >>"$stage/modules.list"
-	done < <(module_load_order "$moddir" "${NEEDED_MODULES[@]}")
+		*.xz) xz -dc "$moddir/$ko" ;;
+		*.zst) zstd -qdc "$moddir/$ko" ;;
+		*.gz) gzip -dc "$moddir/$ko" ;;
+		*) cat "$moddir/$ko" ;;
+		esac >"$stage/modules/$name"
+		echo "$name" >>"$stage/modules.list"
+	done <<<"$order"
 	(cd "$stage" && find . -print0 | sort -z | cpio --null -o -H newc --quiet --owner=0:0) | gzip -1 >"$dir/initramfs.gz.new"
 	rm -rf "$stage"
 	mv "$dir/initramfs.gz.new" "$dir/initramfs.gz"
@@ -269,8 +277,10 @@ build_initramfs() { # LABEL ARCH TREE
 
 kernel_image() { # TREE
 	local image
-	image=$(find "$1/boot" -maxdepth 1 \( -name 'vmlinuz-*' -o -name 'vmlinux-*' \) | head -1)
-	[ -n "$image" ] || die "$1: no boot/vmlinuz-*"
+	# boot/vmlinuz-<release>, or (Debian 13+ packages) usr/lib/modules/<release>/vmlinuz
+	image=$(find "$1/boot" "$1/usr/lib/modules" "$1/lib/modules" -maxdepth 2 \
+		\( -name 'vmlinuz-*' -o -name 'vmlinuz' \) 2>/dev/null | head -1)
+	[ -n "$image" ] || die "$1: no boot/vmlinuz-* or lib/modules/*/vmlinuz"
 	echo "$image"
 }
 
@@ -298,8 +308,6 @@ boot() { # LABEL ARCH TREE INITRAMFS RUNDIR
 		;;
 	esac
 	command -v "$qemu" >/dev/null || die "$qemu not found: apt-get install qemu-system-${arch/x86/x86}"
-	rm -rf "$rundir"
-	mkdir -p "$rundir"
 	cat >"$rundir/job.env" <<-EOF
 		TCPMON_PYTHON='$python'
 		TCPMON_PYTHONPATH='$pythonpath'
@@ -318,8 +326,6 @@ boot() { # LABEL ARCH TREE INITRAMFS RUNDIR
 		-virtfs "local,path=$rundir,mount_tag=results,security_model=none" \
 		"${extra[@]}" >"$rundir/qemu.log" 2>&1 || rc=$?
 	{
-		echo "label=$label"
-		echo "arch=$arch"
 		echo "qemu_rc=$rc"
 		echo "boot_seconds=$(($(date +%s) - started))"
 		echo "packages=$(tr '\n' ' ' <"$cache/$label/debs.txt")"
@@ -333,18 +339,33 @@ runs=()
 started_all=$(date +%s)
 for entry in "${entries[@]}"; do
 	read -r label arch release package must <<<"$entry"
-	note "$label: $package (${release/-/bookworm}, $arch)"
-	tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
-	initramfs=$(build_initramfs "$label" "$arch" "$tree")
+	suite=${release/#-/bookworm}
+	note "$label: $package ($suite, $arch)"
 	rundir=${runs_dir:-$cache/runs}/$label
+	rm -rf "$rundir"
+	mkdir -p "$rundir"
+	printf '%s\n' "label=$label" "arch=$arch" "must=$must" "modes=$modes" "suite=$suite" >"$rundir/meta.env"
 	t0=$(date +%s)
-	boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
-	{
-		echo "must=$must"
-		echo "modes=$modes"
-		echo "release=$(kernel_release "$tree")"
-		echo "suite=${release/#-/bookworm}"
-	} >>"$rundir/meta.env"
+	# One kernel that cannot be fetched or booted fails its row, not the whole matrix.
+	# (errexit only works in a subshell that is not the operand of || or if.)
+	set +e
+	(
+		set -e
+		die() {
+			echo "run-matrix: $*" >&2
+			echo "setup_error=$*" >>"$rundir/meta.env"
+			exit 2
+		}
+		tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
+		echo "release=$(kernel_release "$tree")" >>"$rundir/meta.env"
+		initramfs=$(build_initramfs "$label" "$arch" "$tree")
+		boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
+	)
+	rc=$?
+	set -e
+	if [ "$rc" -ne 0 ] && ! grep -q '^setup_error=' "$rundir/meta.env"; then
+		echo "setup_error=preparing the guest failed (exit $rc)" >>"$rundir/meta.env"
+	fi
 	note "$label: guest finished in $(($(date +%s) - t0))s"
 	runs+=("$rundir")
 done
