@@ -1,0 +1,337 @@
+"""The /metrics body: hostile comms set in the kernel by real processes, both formats, promtool,
+the classic line byte for byte, and property tests of the Cython renderer.
+
+Oracles independent of tcpmon: the comm each process reads back from /proc/<pid>/comm, the
+namespace's ActiveOpens delta, prometheus-client's text and OpenMetrics parsers, promtool, and
+`reference_label` below (the documented escaping rule written with Python's own strict UTF-8
+decoder).
+"""
+import re
+import secrets
+import shutil
+import struct
+import subprocess
+from contextlib import ExitStack
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from conftest import Connector, http_get, unique_comm
+from metrics import samples
+from tcpmon._render import comm_label, render_comm_series, render_pid_series
+
+OPENMETRICS_ACCEPT = {"Accept": "application/openmetrics-text; version=1.0.0"}
+PID_FAMILY = "tcp_connects_by_pid"
+COMM_SAMPLE = "tcpmon_connect_attempts_total"
+
+
+# --- the documented label rule, independently --------------------------------------------
+
+def reference_label(raw):
+    """README: valid UTF-8 passes; a backslash, a control character or a byte that is not valid
+    UTF-8 becomes the text \\xNN.  The comm ends at its first NUL and has at most 16 bytes."""
+    raw = raw[:16].split(b"\0")[0]
+    out, i = [], 0
+    while i < len(raw):
+        byte = raw[i]
+        if byte < 0x80:
+            out.append(f"\\x{byte:02x}" if byte == 0x5C or byte < 0x20 or byte == 0x7F else chr(byte))
+            i += 1
+            continue
+        for size in (2, 3, 4):
+            try:
+                char = raw[i:i + size].decode("utf-8")  # strict: no overlongs, surrogates, > U+10FFFF
+            except UnicodeDecodeError:
+                continue
+            if len(char) == 1:
+                out.append(char)
+                i += size
+                break
+        else:
+            out.append(f"\\x{byte:02x}")
+            i += 1
+    return "".join(out)
+
+
+def unlabel(label):
+    """The raw comm back from its label: every backslash starts a \\xNN escape."""
+    out, i = bytearray(), 0
+    while i < len(label):
+        if label[i] == "\\":
+            assert label[i + 1] == "x" and re.fullmatch(r"[0-9a-f]{2}", label[i + 2:i + 4]), label
+            out.append(int(label[i + 2:i + 4], 16))
+            i += 4
+        else:
+            out += label[i].encode("utf-8")
+            i += 1
+    return bytes(out)
+
+
+def exposition_escape(label):
+    """How the text format writes a label value (backslash, double quote, newline)."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# --- hostile comms made by real processes ------------------------------------------------
+
+# Connector --comm takes \xNN escapes.  Each gets a random 4-character prefix so that its
+# comm_totals entry is its own; the last three are longer than the kernel's 15 bytes.
+HOSTILE = {
+    "double quote": r'q"u"o',
+    "backslash": r"back\\sl",
+    "newline": r"new\x0aline",
+    "tab": r"tab\x09x",
+    "control and DEL": r"\x01\x1f\x7f",
+    "invalid utf-8": r"bad\xff\xfe",
+    "lone continuation": r"\x80\xbf!",
+    "overlong and surrogate": r"\xc0\xaf\xed\xa0\x80",
+    "multi-byte utf-8": r"c\xc3\xa9\xe2\x82\xac\xf0\x9f\x90\x8d",
+    "looks like an escape": r"\\xff",
+    "escape target": r"\xff",
+    "15-byte maximum": "0123456789abcdefghij",
+    "cut inside a utf-8 char": r"0123456789\xc3\xa9",
+    "all escaped, max length": r"\\\\\\\\\\\\\\\\\\\\\\",
+}
+
+
+@pytest.fixture(scope="module")
+def hostile(exporter):
+    """One live Connector per hostile comm, and one scrape in each format taken while all live."""
+    with ExitStack() as stack:
+        procs = {}
+        for case, comm in HOSTILE.items():
+            opened, refused = 1 + len(procs) % 3, len(procs) % 2
+            procs[case] = (stack.enter_context(Connector(secrets.token_hex(2) + comm, opened, refused)),
+                           opened + refused)
+        text = exporter.scrape()
+        status, headers, body = http_get(exporter.metrics + "/metrics", OPENMETRICS_ACCEPT)
+        assert status == 200, body
+        yield procs, text, headers, body.decode("utf-8")
+
+
+def test_the_kernel_kept_the_hostile_bytes(hostile):
+    procs, *_ = hostile
+    for case, (proc, made) in procs.items():
+        assert proc.active_opens == made, case
+        assert len(proc.comm) <= 15, case
+    assert len(procs["15-byte maximum"][0].comm) == 15
+    assert procs["cut inside a utf-8 char"][0].comm.endswith(b"\xc3")
+    assert b"\n" in procs["newline"][0].comm and b"\xff\xfe" in procs["invalid utf-8"][0].comm
+
+
+def test_hostile_comms_round_trip_through_the_text_parser(hostile):
+    procs, text, _, _ = hostile
+    by_pid = samples(text, PID_FAMILY)          # asserts no duplicate series
+    totals = samples(text, COMM_SAMPLE)
+    for case, (proc, made) in procs.items():
+        label = comm_label(proc.comm)
+        assert label == reference_label(proc.comm), case
+        assert unlabel(label) == proc.comm, case
+        assert by_pid.get(frozenset({"pid": str(proc.pid), "comm": label}.items())) == made, case
+        assert totals.get(frozenset({"comm": label}.items())) == made, case
+    labels = [comm_label(proc.comm) for proc, _ in procs.values()]
+    assert len(set(labels)) == len(labels)
+
+
+def test_hostile_comms_round_trip_through_the_openmetrics_parser(hostile):
+    procs, _, headers, body = hostile
+    assert headers["Content-Type"].startswith("application/openmetrics-text; version=1.0.0")
+    assert body.endswith("\n# EOF\n") and body.count("# EOF") == 1
+    families = list(parse_openmetrics(body))     # raises on any OpenMetrics violation
+    names = [family.name for family in families]
+    assert len(names) == len(set(names))
+    found = {}
+    for family in families:
+        for sample in family.samples:
+            key = (sample.name, frozenset(sample.labels.items()))
+            assert key not in found, f"duplicate series {key}"
+            found[key] = sample.value
+    types = {family.name: family.type for family in families}
+    assert types[PID_FAMILY] == "gauge" and types["tcpmon_connect_attempts"] == "counter"
+    for case, (proc, made) in procs.items():
+        label = comm_label(proc.comm)
+        assert found.get((PID_FAMILY, frozenset({"pid": str(proc.pid), "comm": label}.items()))) == made, case
+        assert found.get((COMM_SAMPLE, frozenset({"comm": label}.items()))) == made, case
+
+
+def test_hostile_sample_lines_are_escaped_byte_for_byte(hostile):
+    procs, text, _, _ = hostile
+    lines = set(text.split("\n"))
+    for case, (proc, made) in procs.items():
+        value = exposition_escape(reference_label(proc.comm))
+        assert f'{PID_FAMILY}{{comm="{value}",pid="{proc.pid}"}} {made}' in lines, case
+        assert f'{COMM_SAMPLE}{{comm="{value}"}} {made}' in lines, case
+
+
+def test_a_comm_and_its_label_taken_literally_are_two_series(exporter):
+    """\\xff (one invalid byte) and the four characters \\xff must not share a label."""
+    tag = secrets.token_hex(2)
+    with Connector(tag + r"\xff", opened=2) as byte, Connector(tag + r"\\xff", opened=3) as text_comm:
+        text = exporter.scrape()
+    assert byte.comm != text_comm.comm
+    by_pid = samples(text, PID_FAMILY)
+    totals = samples(text, COMM_SAMPLE)
+    assert comm_label(byte.comm) != comm_label(text_comm.comm)
+    assert by_pid[frozenset({"pid": str(byte.pid), "comm": comm_label(byte.comm)}.items())] == 2
+    assert by_pid[frozenset({"pid": str(text_comm.pid), "comm": comm_label(text_comm.comm)}.items())] == 3
+    assert totals[frozenset({"comm": comm_label(byte.comm)}.items())] == 2
+    assert totals[frozenset({"comm": comm_label(text_comm.comm)}.items())] == 3
+
+
+# --- promtool -----------------------------------------------------------------------------
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool missing: install Debian's prometheus package")
+def test_promtool_accepts_a_real_scrape(hostile):
+    """promtool 2.42 lints the text format only (its parser does not know OpenMetrics' `info`
+    type), so the OpenMetrics body is checked by prometheus-client's parser above and by a real
+    Prometheus scrape in test_prometheus.py.  Any lint finding is a failure: tcpmon's counters
+    end in _total, and its only non-counter names are gauges."""
+    _, text, _, _ = hostile
+    result = subprocess.run(["promtool", "check", "metrics"], input=text.encode(), capture_output=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr.decode() + result.stdout.decode()
+    assert result.stdout == b"" and result.stderr == b"", result
+
+
+@pytest.mark.skipif(not shutil.which("promtool"), reason="promtool missing: install Debian's prometheus package")
+def test_promtool_rejects_a_broken_body():
+    """The promtool check above can fail: an unescaped quote in a label is a parse error."""
+    broken = f'# TYPE {PID_FAMILY} gauge\n{PID_FAMILY}{{comm="a"b",pid="1"}} 1\n'
+    result = subprocess.run(["promtool", "check", "metrics"], input=broken.encode(), capture_output=True,
+                            timeout=30)
+    assert result.returncode != 0
+
+
+# --- the classic line ---------------------------------------------------------------------
+
+def test_the_classic_lines_byte_for_byte(exporter):
+    with Connector(unique_comm(), opened=4, refused=3) as proc:
+        status, headers, body = http_get(exporter.metrics + "/metrics")
+    assert status == 200
+    # prometheus-client >= 0.22 labels its (0.0.4-compatible) text format version=1.0.0
+    assert headers["Content-Type"] in ("text/plain; version=0.0.4; charset=utf-8",
+                                       "text/plain; version=1.0.0; charset=utf-8")
+    lines = body.split(b"\n")
+    help_line = b"# HELP tcp_connects_by_pid Number of tcp_connect() calls observed per PID"
+    type_line = b"# TYPE tcp_connects_by_pid gauge"
+    assert lines[0] == help_line and lines[1] == type_line
+    assert lines.count(help_line) == 1 and lines.count(type_line) == 1
+    line = b'tcp_connects_by_pid{comm="%s",pid="%d"} 7' % (proc.comm, proc.pid)
+    assert lines.count(line) == 1, body.decode(errors="replace")[:2000]
+    # the family's samples sit right under its header, before the next family
+    end = next(i for i in range(2, len(lines)) if lines[i].startswith(b"#"))
+    assert lines.index(line) < end
+    assert all(re.fullmatch(rb'tcp_connects_by_pid\{comm="[^\n]*",pid="[0-9]+"\} [0-9]+', sample)
+               for sample in lines[2:end])
+
+
+# --- the renderer on synthetic maps -------------------------------------------------------
+
+PID_VALUE = struct.Struct("=Q16s")
+SPECIAL = [b"\\", b'"', b"\n", b"\t", b"\x7f", b"\xff", b"\xc3", b"\xc3\xa9", b"\xe2\x82\xac",
+           b"\xf0\x9f\x90\x8d", b"\xed\xa0\x80", b"\xc0\xaf", b"\xf4\x90\x80\x80", b"\\x41", b"A", b"x"]
+comm_content = st.one_of(
+    st.binary(max_size=16).map(lambda raw: raw.replace(b"\0", b"")),
+    st.lists(st.sampled_from(SPECIAL), max_size=8).map(lambda parts: b"".join(parts)[:16]),
+    st.text(max_size=8).map(lambda text: text.encode("utf-8", "surrogatepass")[:16].replace(b"\0", b"")),
+)
+# Kernel comms are NUL-padded; arbitrary bytes after the NUL must not matter to a pid series.
+raw_comm = st.tuples(comm_content, st.binary(min_size=16, max_size=16)).map(
+    lambda pair: pair[0] + (b"\0" + pair[1] if len(pair[0]) < 16 else b"")[:16 - len(pair[0])])
+u64 = st.one_of(st.integers(0, 2**64 - 1), st.sampled_from([0, 1, 2**53, 2**53 + 1, 2**63, 2**64 - 1]))
+u32 = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2**31, 2**32 - 1]))
+
+
+def same_value(parsed_value, count):
+    """The text parser gives floats; the OpenMetrics parser keeps integers exact."""
+    return parsed_value == (count if isinstance(parsed_value, int) else float(count))
+
+
+def parsed(body, family, kind, openmetrics=False):
+    text = f"# HELP {family} h\n# TYPE {family} {kind}\n" + body.decode("utf-8")
+    parse = parse_openmetrics if openmetrics else parse_text
+    out = []
+    for metric in parse(text + ("# EOF\n" if openmetrics else "")):
+        out.extend(metric.samples)
+    return out
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(u32, st.tuples(u64, raw_comm), max_size=40))
+@example({7: (2**64 - 1, b'a"b\\c\n\0\xff' + b"\0" * 8), 0: (0, b"\xff" * 16)})
+def test_pid_series_round_trip(entries):
+    keys = b"".join(struct.pack("=I", pid) for pid in entries)
+    values = b"".join(PID_VALUE.pack(count, comm) for count, comm in entries.values())
+    body = render_pid_series(b"tcp_connects_by_pid", keys, values, len(entries))
+    expected = {(str(pid), reference_label(comm)): count for pid, (count, comm) in entries.items()}
+    for openmetrics in (False, True):
+        got = parsed(body, "tcp_connects_by_pid", "gauge", openmetrics)
+        assert len(got) == len(entries)
+        got_map = {(s.labels["pid"], s.labels["comm"]): s.value for s in got}
+        assert got_map.keys() == expected.keys()
+        assert all(same_value(got_map[key], count) for key, count in expected.items())
+        assert all(set(s.labels) == {"comm", "pid"} and s.name == "tcp_connects_by_pid" for s in got)
+    # values are exact integers, not floats: the last token of each line is the u64 itself
+    lines = body.decode("utf-8").split("\n")[:-1]  # not splitlines(): U+0085, U+2028 are label text
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(count) for count, _ in entries.values()]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(comm_content, u64, max_size=40))
+@example({b"\\x41": 1, b"A": 2, b"\xff": 3, b"\\xff": 4, b"": 5, b"\xff" * 16: 6})
+def test_comm_series_round_trip(totals):
+    keys = b"".join(struct.pack("16s", comm) for comm in totals)
+    values = b"".join(struct.pack("=Q", count) for count in totals.values())
+    body = render_comm_series(b"tcpmon_connect_attempts_total", keys, values, len(totals))
+    for openmetrics in (False, True):
+        family = "tcpmon_connect_attempts" if openmetrics else "tcpmon_connect_attempts_total"
+        got = parsed(body, family, "counter", openmetrics)
+        assert len(got) == len(totals)
+        got_map = {s.labels["comm"]: s.value for s in got}
+        assert len(got_map) == len(totals), "two comms rendered to one series"
+        expected = {reference_label(comm): count for comm, count in totals.items()}
+        assert got_map.keys() == expected.keys()
+        assert all(same_value(got_map[label], count) for label, count in expected.items())
+    lines = body.decode("utf-8").split("\n")[:-1]  # not splitlines(): U+0085, U+2028 are label text
+    assert [line.rsplit(" ", 1)[1] for line in lines] == [str(count) for count in totals.values()]
+
+
+def test_renderers_on_empty_and_short_buffers():
+    assert render_pid_series(b"x", b"", b"", 0) == b""
+    assert render_comm_series(b"x", b"", b"", 0) == b""
+    with pytest.raises(ValueError):
+        render_pid_series(b"x", b"\0" * 4, b"\0" * 23, 1)
+    with pytest.raises(ValueError):
+        render_comm_series(b"x", b"\0" * 15, b"\0" * 8, 1)
+    with pytest.raises(ValueError):
+        render_pid_series(b"x", b"", b"", -1)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(comm_content)
+@example(b"\\x5c")
+@example(b"\xef\xbf\xbd")  # U+FFFD itself, not a replacement for a bad byte
+def test_comm_label_is_the_documented_rule_and_invertible(comm):
+    label = comm_label(comm)
+    assert label == reference_label(comm)
+    assert unlabel(label) == comm   # a left inverse: no two comms share a label
+    assert comm_label(comm + b"\0" + b"junk") == label
+
+
+@settings(max_examples=1000, deadline=None)
+@given(comm_content, comm_content)
+def test_comm_label_is_injective(first, second):
+    if first != second:
+        assert comm_label(first) != comm_label(second)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(comm_content)
+def test_a_label_taken_literally_as_a_comm_gets_another_label(comm):
+    """The adversarial pair: a process may name itself after another comm's label."""
+    literal = comm_label(comm).encode("utf-8")[:16]
+    if literal != comm:
+        assert comm_label(literal) != comm_label(comm)
