@@ -52,7 +52,7 @@ ENV PATH=/opt/tcpmon/bin:$PATH \
     PYTHONUNBUFFERED=1
 LABEL org.opencontainers.image.title="tcpmon" \
       org.opencontainers.image.description="eBPF exporter counting TCP connect attempts per process" \
-      org.opencontainers.image.licenses="BSD-2-Clause AND (BSD-2-Clause OR GPL-2.0-only)"
+      org.opencontainers.image.licenses="BSD-2-Clause AND (LGPL-2.1-only OR BSD-2-Clause)"
 # 9090: /metrics; 8080: /liveness, /readiness, /health
 EXPOSE 9090 8080
 ENTRYPOINT ["tcpmon"]

@@ -28,7 +28,7 @@ context=$(kubectl config current-context 2>/dev/null) || die "kubectl has no cur
 
 echo "debug-k8s: building tcpmon:latest and $image"
 docker buildx build --load -t tcpmon:latest "$repo"
-docker buildx build --load -f "$repo/Dockerfile.debug" --build-arg TCPMON_IMAGE=tcpmon:latest -t "$image" "$repo"
+docker buildx build --load -f "$repo/Dockerfile.debug" --build-arg RELEASE_IMAGE=tcpmon:latest -t "$image" "$repo"
 
 if [ -n "${REGISTRY:-}" ]; then
 	docker tag "$image" "$REGISTRY/$image"

@@ -97,7 +97,7 @@ def test_dockerfile_stages():
 def test_debug_image_adds_debugpy_on_5678():
     found = instructions(REPO / "Dockerfile.debug")
     words = dict(found)
-    assert words["FROM"] == "${TCPMON_IMAGE}"
+    assert words["FROM"] == "${RELEASE_IMAGE}"
     assert re.search(r"debugpy==\d+\.\d+\.\d+", words["RUN"])
     assert words["EXPOSE"] == "5678"
     entry = json.loads(words["ENTRYPOINT"])

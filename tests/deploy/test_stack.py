@@ -104,8 +104,8 @@ def test_every_tcpmon_command_line_in_the_docs_parses(rel):
                        (REPO / rel).read_text(), re.M)
     assert lines, f"{rel} shows no tcpmon command"
     for line in lines:
-        args = [arg for arg in line.split()[1:] if not arg.startswith("#")]
-        args = args[:args.index("#")] if "#" in args else args
+        args = line.split()[1:]
+        args = args[:next((i for i, arg in enumerate(args) if arg.startswith("#")), len(args))]
         try:
             parser.parse_args(args)
         except SystemExit:
