@@ -35,7 +35,7 @@ setup(
     packages=["tcpmon"],
     package_data={"tcpmon": ["data/*.bpf.o"]},
     ext_modules=cythonize(extensions, language_level=3),
-    install_requires=["prometheus-client>=0.17", "gunicorn>=21.2"],
+    install_requires=["prometheus-client>=0.17", "gunicorn>=23,<28"],
     extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "pyroute2"]},
     entry_points={"console_scripts": ["tcpmon=tcpmon.cli:main"]},
     cmdclass={"build_py": BuildWithBpfObject},

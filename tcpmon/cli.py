@@ -1,7 +1,7 @@
 """The tcpmon command: load | unload | status | dump | serve | run.
 
-Every flag has an environment twin (TCPMON_<FLAG>); a flag given on the
-command line wins.  Errors are one line on stderr and a non-zero exit.
+Every flag has an environment twin (TCPMON_<FLAG>), read after parsing and
+only for the command that runs; a flag given on the command line wins.  Errors are one line on stderr and a non-zero exit.
 """
 import argparse
 import json
@@ -29,22 +29,44 @@ def _positive_int(text):
 
 
 def _option(parser, flag, default, help, **kwargs):
-    """A flag whose default comes from its TCPMON_* twin, then from `default`."""
+    """A flag with an environment twin; the flag wins, then the twin, then `default`."""
     env = _env(flag)
-    value = os.environ.get(env, default)
-    if env in os.environ:
-        value = _checked_env(parser, env, value, kwargs.get("type"), kwargs.get("choices"))
-    parser.add_argument(flag, default=value, help=f"{help} (env {env}; default: {default})", **kwargs)
+    action = parser.add_argument(flag, default=None, help=f"{help} (env {env}; default: {default})", **kwargs)
+    parser.env_twins.append((action, env, default))
 
 
-def _checked_env(parser, env, value, convert, choices):
+def _switch(parser, flag, help):
+    """An on/off flag; its twin takes 1/0, true/false, yes/no, on/off."""
+    env = _env(flag)
+    action = parser.add_argument(flag, action="store_const", const=True, default=None,
+                                 help=f"{help} (env {env}; 1 turns it on)")
+    parser.env_twins.append((action, env, False))
+
+
+def _from_env(parser, action, env, text):
+    if action.const is True:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off", ""):
+            return False
+        parser.error(f"{env}='{text}' is not a switch: use 1 or 0")
     try:
-        value = convert(value) if convert else value
+        value = action.type(text) if action.type else text
     except argparse.ArgumentTypeError as exc:
         parser.error(f"{env}: {exc}")
-    if choices and value not in choices:
-        parser.error(f"{env}='{value}' is not one of {', '.join(map(str, choices))}")
+    if action.choices and value not in action.choices:
+        parser.error(f"{env}='{text}' is not one of {', '.join(map(str, action.choices))}")
     return value
+
+
+def _apply_env_twins(parser, args):
+    """Fill every option the command line left out from its twin or its default,
+    reporting a bad twin against the command that runs."""
+    for action, env, default in parser.env_twins:
+        if getattr(args, action.dest) is not None:
+            continue
+        value = _from_env(parser, action, env, os.environ[env]) if env in os.environ else default
+        setattr(args, action.dest, value)
 
 
 def _common(parser):
@@ -75,30 +97,36 @@ def build_parser():
                                      "with eBPF and serve them to Prometheus.")
     parser.add_argument("--version", action="version", version=f"tcpmon {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.commands = {}
 
-    load = commands.add_parser("load", help="load and attach the probe, pin it, exit")
+    def command(name, help):
+        sub = commands.add_parser(name, help=help)
+        sub.env_twins = []
+        parser.commands[name] = sub
+        return sub
+
+    load = command("load", "load and attach the probe, pin it, exit")
     _common(load)
     _load_options(load)
-    load.add_argument("--foreground", action="store_true",
-                      help="keep the probe attached only while this process runs (kernels that cannot pin links)")
+    _switch(load, "--foreground", "keep the probe attached only while this process runs (kernels that cannot pin links)")
 
-    unload = commands.add_parser("unload", help="detach the probe and remove its pins")
+    unload = command("unload", "detach the probe and remove its pins")
     _common(unload)
 
-    status = commands.add_parser("status", help="show what is loaded")
+    status = command("status", "show what is loaded")
     _common(status)
-    status.add_argument("--json", action="store_true", help="print JSON")
+    _switch(status, "--json", "print JSON")
 
-    dump = commands.add_parser("dump", help="print one read of the per-PID map")
+    dump = command("dump", "print one read of the per-PID map")
     _common(dump)
-    dump.add_argument("--json", action="store_true", help="print JSON")
+    _switch(dump, "--json", "print JSON")
     _option(dump, "--read-mode", "auto", "map read method", choices=_READ_MODES)
 
-    serve = commands.add_parser("serve", help="serve /metrics and health (needs only CAP_BPF)")
+    serve = command("serve", "serve /metrics and health (needs only CAP_BPF)")
     _common(serve)
     _serve_options(serve)
 
-    run = commands.add_parser("run", help="load if needed, then serve in the foreground")
+    run = command("run", "load if needed, then serve in the foreground")
     _common(run)
     _load_options(run)
     _serve_options(run)
@@ -207,6 +235,7 @@ COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump"
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    _apply_env_twins(parser.commands[args.command], args)
     logging.basicConfig(level=args.log_level.upper(), format="tcpmon: %(levelname)s: %(message)s")
     if args.log_level == "debug" and args.command in ("load", "run"):
         from tcpmon import _libbpf

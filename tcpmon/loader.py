@@ -136,7 +136,7 @@ def load(pin_dir=probe.DEFAULT_PIN_DIR, attach="auto", object_path=None,
     pins = probe.Pins(pin_dir)
     object_path = object_path or default_object()
     if not os.path.isfile(object_path):
-        raise LoadError(f"BPF object {object_path} not found: run 'make bpf' or pass --object")
+        raise LoadError(f"BPF object {object_path} not found: run 'make bpf' or pass --bpf-object")
     candidates = _candidates(attach)
     mounts.ensure_bpffs(pins.dir)
     os.makedirs(pins.dir, mode=0o755, exist_ok=True)
