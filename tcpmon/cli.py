@@ -43,30 +43,36 @@ def _switch(parser, flag, help):
     parser.env_twins.append((action, env, False))
 
 
-def _from_env(parser, action, env, text):
-    if action.const is True:
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off", ""):
-            return False
-        parser.error(f"{env}='{text}' is not a switch: use 1 or 0")
-    try:
-        value = action.type(text) if action.type else text
-    except argparse.ArgumentTypeError as exc:
-        parser.error(f"{env}: {exc}")
-    if action.choices and value not in action.choices:
-        parser.error(f"{env}='{text}' is not one of {', '.join(map(str, action.choices))}")
-    return value
+class _Parser(argparse.ArgumentParser):
+    """Fills options left off the command line from their environment twins, for the
+    command that runs only (each subcommand parser holds its own twins)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.env_twins = []
 
-def _apply_env_twins(parser, args):
-    """Fill every option the command line left out from its twin or its default,
-    reporting a bad twin against the command that runs."""
-    for action, env, default in parser.env_twins:
-        if getattr(args, action.dest) is not None:
-            continue
-        value = _from_env(parser, action, env, os.environ[env]) if env in os.environ else default
-        setattr(args, action.dest, value)
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        for action, env, default in self.env_twins:
+            if getattr(namespace, action.dest, None) is None:
+                value = self._from_env(action, env, os.environ[env]) if env in os.environ else default
+                setattr(namespace, action.dest, value)
+        return namespace, rest
+
+    def _from_env(self, action, env, text):
+        if action.const is True:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off", ""):
+                return False
+            self.error(f"{env}='{text}' is not a switch: use 1 or 0")
+        try:
+            value = action.type(text) if action.type else text
+        except argparse.ArgumentTypeError as exc:
+            self.error(f"{env}: {exc}")
+        if action.choices and value not in action.choices:
+            self.error(f"{env}='{text}' is not one of {', '.join(map(str, action.choices))}")
+        return value
 
 
 def _common(parser):
@@ -93,17 +99,13 @@ def _serve_options(parser):
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="tcpmon", description="Count TCP connect attempts per process "
+    parser = _Parser(prog="tcpmon", description="Count TCP connect attempts per process "
                                      "with eBPF and serve them to Prometheus.")
     parser.add_argument("--version", action="version", version=f"tcpmon {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    parser.commands = {}
 
     def command(name, help):
-        sub = commands.add_parser(name, help=help)
-        sub.env_twins = []
-        parser.commands[name] = sub
-        return sub
+        return commands.add_parser(name, help=help)
 
     load = command("load", "load and attach the probe, pin it, exit")
     _common(load)
@@ -235,7 +237,6 @@ COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump"
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
-    _apply_env_twins(parser.commands[args.command], args)
     logging.basicConfig(level=args.log_level.upper(), format="tcpmon: %(levelname)s: %(message)s")
     if args.log_level == "debug" and args.command in ("load", "run"):
         from tcpmon import _libbpf
