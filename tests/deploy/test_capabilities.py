@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import helm_template, through_readonly_bind
+from deploylib import helm_template, through_readonly_bind
 from tcpmon import loader as tcpmon_loader
 
 TCPMON = [sys.executable, "-m", "tcpmon"]

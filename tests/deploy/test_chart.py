@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import REPO, helm_template
+from deploylib import REPO, helm_template
 from tcpmon import cli, probe
 
 

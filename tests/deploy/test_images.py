@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO
+from deploylib import REPO
 
 TARGET_ARCH = REPO / "scripts" / "target-arch.sh"
 BUILDX_ARCHES = ["amd64", "arm64", "arm", "riscv64"]

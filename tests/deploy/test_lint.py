@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from conftest import run_lint
+from deploylib import run_lint
 
 STEPS = ["chart", "docker", "systemd", "prometheus", "shell", "yaml", "json", "workflow"]
 

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from conftest import REPO
+from deploylib import REPO
 from tcpmon import cli
 
 BUILDX_PLATFORMS = {"linux/amd64", "linux/arm64", "linux/arm/v7", "linux/riscv64"}

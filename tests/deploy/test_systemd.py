@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, through_readonly_bind
+from deploylib import REPO, through_readonly_bind
 from tcpmon import __version__, probe
 from tcpmon import loader as tcpmon_loader
 
