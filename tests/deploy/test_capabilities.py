@@ -11,11 +11,13 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
-from deploylib import helm_template, through_readonly_bind
+from deploylib import helm_template
 from tcpmon import loader as tcpmon_loader
+from tcpmon import probe
 
 TCPMON = [sys.executable, "-m", "tcpmon"]
 
@@ -26,14 +28,11 @@ def _caps_of(helm):
             "exporter": pod["containers"][0]["securityContext"]["capabilities"]["add"]}
 
 
-def as_container(caps, *args, readonly_bpffs=False):
-    """`tcpmon ARGS` as uid 0 holding only `caps` (Kubernetes names, e.g. BPF), no_new_privs
-    set, and with readonly_bpffs /sys/fs/bpf read-only as the exporter's volumeMount has it."""
+def as_container(caps, *args):
+    """`tcpmon ARGS` as uid 0 holding only `caps` (Kubernetes names, e.g. BPF), no_new_privs set."""
     bounding = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps])
     cmd = ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
            f"--bounding-set={bounding}", "--no-new-privs", *TCPMON, *args]
-    if readonly_bpffs:
-        cmd = through_readonly_bind("/sys/fs/bpf", "/sys/fs/bpf", cmd)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
@@ -60,20 +59,53 @@ def test_setpriv_limits_root_to_the_given_capabilities():
     assert fields["NoNewPrivs"] == "1"
 
 
-def test_loader_and_exporter_work_with_the_charts_capabilities(caps, pin_dir_for_caps):
-    assert caps == {"loader": ["BPF", "PERFMON"], "exporter": ["BPF"]}
-    loaded = as_container(caps["loader"], "load", "--pin-dir", pin_dir_for_caps)
-    assert loaded.returncode == 0, f"tcpmon load fails with {caps['loader']}: {loaded.stderr}"
-    status = as_container(caps["exporter"], "status", "--json", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
-    assert status.returncode == 0, f"tcpmon status fails with {caps['exporter']}: {status.stderr}"
+def in_pod_container(pod, container, *args):
+    """`tcpmon ARGS` as the rendered `container` would run it on this machine: private
+    mount and network namespaces with a fresh read-only sysfs on /sys (as container runtimes mount it,
+    without the host's bpffs and tracefs), then exactly the container's hostPath
+    volumeMounts (read-only where it says so), then uid 0 with only the container's
+    capabilities and no_new_privs."""
+    host_paths = {vol["name"]: vol["hostPath"]["path"] for vol in pod["volumes"] if "hostPath" in vol}
+    mounts = [(host_paths[m["name"]], m["mountPath"], m.get("readOnly", False)) for m in container["volumeMounts"]]
+    stage = tempfile.mkdtemp(prefix="tcpmon-pod-")
+    lines = ["set -e"]
+    for i, (host, _, _) in enumerate(mounts):
+        lines.append(f"mkdir -p {stage}/{i} && mount --bind {host} {stage}/{i}")
+    lines.append("mount -t sysfs -o ro,nosuid,nodev,noexec sysfs /sys")
+    for i, (_, path, readonly) in enumerate(mounts):
+        lines.append(f"mount --bind {'-o ro ' if readonly else ''}{stage}/{i} {path}")
+    lines.append('exec "$@"')
+    caps = container["securityContext"]["capabilities"]
+    assert caps["drop"] == ["ALL"]
+    bounding = ",".join(["-all"] + [f"+{cap.lower()}" for cap in caps.get("add", [])])
+    # its own network namespace too (hostNetwork is off), which also gives it its own sysfs
+    command = ["unshare", "--mount", "--net", "--propagation", "private", "sh", "-c", "\n".join(lines), "sh",
+               "setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
+               f"--bounding-set={bounding}", "--no-new-privs", *TCPMON, *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=120)
+    finally:
+        shutil.rmtree(stage)
+
+
+def test_loader_and_exporter_work_as_the_chart_runs_them(helm, pin_dir_for_caps):
+    pod = next(doc for doc in helm_template(helm)[0] if doc["kind"] == "DaemonSet")["spec"]["template"]["spec"]
+    (loader,), (exporter,) = pod["initContainers"], pod["containers"]
+    assert loader["securityContext"]["capabilities"]["add"] == ["BPF", "PERFMON"]
+    assert exporter["securityContext"]["capabilities"]["add"] == ["BPF"]
+    loaded = in_pod_container(pod, loader, *loader["args"], "--pin-dir", pin_dir_for_caps)
+    assert loaded.returncode == 0, f"the loader init container fails: {loaded.stderr}"
+    status = in_pod_container(pod, exporter, "status", "--json", "--pin-dir", pin_dir_for_caps)
+    assert status.returncode == 0, f"tcpmon status fails in the exporter container: {status.stderr}"
     report = json.loads(status.stdout)
     assert report["attached"] is True
     assert all("error" not in fill for fill in report["maps"].values()), report["maps"]
-    unload = as_container(caps["exporter"], "unload", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
-    assert unload.returncode != 0, "the exporter's read-only bpffs let it unload the probe"
-    dumped = as_container(caps["exporter"], "dump", "--json", "--pin-dir", pin_dir_for_caps, readonly_bpffs=True)
-    assert dumped.returncode == 0, f"tcpmon dump fails with {caps['exporter']}: {dumped.stderr}"
+    dumped = in_pod_container(pod, exporter, "dump", "--json", "--pin-dir", pin_dir_for_caps)
+    assert dumped.returncode == 0, f"tcpmon dump fails in the exporter container: {dumped.stderr}"
     assert isinstance(json.loads(dumped.stdout), list)
+    unload = in_pod_container(pod, exporter, "unload", "--pin-dir", pin_dir_for_caps)
+    assert unload.returncode != 0, "the exporter's read-only bpffs let it unload the probe"
+    assert probe.inspect(probe.Pins(pin_dir_for_caps)).attached
 
 
 def test_loading_needs_perfmon(pin_dir_for_caps):
