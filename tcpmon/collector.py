@@ -76,7 +76,8 @@ class Collector:
         if not state.attached:
             return state.problem
         try:
-            self._map(probe.CONNECTS)
+            # A map of its own: the scrape thread may be reading (or reopening) the cached one.
+            probe.open_map(self.pins, probe.CONNECTS).close()
         except Exception as exc:
             return describe(exc)
         return None
