@@ -33,6 +33,14 @@ MAP_TYPE_PERCPU_ARRAY = 6
 PID_VALUE = struct.Struct("=Q16s")
 COMM_LEN = _maps.COMM_LEN
 
+# Sizes: (quick mode, make bench).  The scrape of the last ("map") case is timed interleaved with
+# the largest "live" one for the 100k ÷ 10k ratio.
+SIZES = {
+    "map_read": ([1000], [1000, 10000, 100000]),
+    "scrape": ([("live", 200), ("map", 2000)], [("live", 1000), ("live", 10000), ("map", 100000)]),
+    "churn": (2000, 20000),
+}
+
 # Every pin dir the benchmarks make: the tests' private prefix, so stray ones are recognisable.
 PIN_PREFIX = f"/sys/fs/bpf/tcpmon-test-{os.getpid()}-bench-"
 
@@ -50,10 +58,10 @@ def tests_helpers():
 
 # --- timing ---
 
-def timed(benchmark, fn, rounds, warmup=1):
+def timed(benchmark, fn, rounds, warmup=1, setup=None):
     """Run `fn` under pytest-benchmark: (its last result, {min, median, mean, rounds} in seconds).
-    In the quick mode fn runs once and the stats are None."""
-    result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup if benchmark.enabled else 0)
+    `setup` runs before every round, untimed.  In the quick mode fn runs once and the stats are None."""
+    result = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup if benchmark.enabled else 0, setup=setup)
     if not benchmark.enabled or benchmark.stats is None:
         return result, None
     stats = benchmark.stats.stats
@@ -384,18 +392,38 @@ def stop(proc, timeout=20):
 
 # --- HTTP -----------------------------------------------------------------------------------
 
-def get(port, path="/metrics", timeout=120):
-    """One GET on a fresh connection (the same client for tcpmon and the baseline): the body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
+class Scraper:
+    """GET /metrics the way Prometheus does: one kept-alive connection, reopened whenever the
+    server closes it (the old agent's HTTP/1.0 server closes after every response)."""
+
+    def __init__(self, port, path="/metrics", timeout=120):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        self.port, self.path = port, path
+
+    def __call__(self):
+        try:
+            self.conn.request("GET", self.path)
+            response = self.conn.getresponse()
+        except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            self.conn.close()  # a kept-alive connection the server had dropped: once more, fresh
+            self.conn.request("GET", self.path)
+            response = self.conn.getresponse()
         body = response.read()
+        if response.status != 200:
+            raise RuntimeError(f"GET :{self.port}{self.path}: {response.status} {body[:200]!r}")
+        return body
+
+    def close(self):
+        self.conn.close()
+
+
+def get(port, path="/metrics", timeout=120):
+    """One GET on a fresh connection: the body."""
+    scraper = Scraper(port, path, timeout)
+    try:
+        return scraper()
     finally:
-        conn.close()
-    if response.status != 200:
-        raise RuntimeError(f"GET :{port}{path}: {response.status} {body[:200]!r}")
-    return body
+        scraper.close()
 
 
 def wait_http(port, path, proc, timeout=30):
@@ -420,11 +448,10 @@ class OldAgent:
                                       "--port", str(self.port)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         wait_http(self.port, "/", self.proc)
-
-    def scrape(self):
-        return get(self.port)
+        self.scrape = Scraper(self.port)
 
     def stop(self):
+        self.scrape.close()
         stop(self.proc)
 
 

@@ -14,14 +14,6 @@ import pytest
 import benchlib
 import benchreport
 
-SIZES = {
-    # name: (quick, full)
-    "map_read": ([1000], [1000, 10000, 100000]),
-    "scrape": ([("live", 200), ("map", 2000)], [("live", 1000), ("live", 10000), ("map", 100000)]),
-    "churn": (2000, 20000),
-}
-
-
 def bench_enabled(config):
     session = getattr(config, "_benchmarksession", None)
     if session is not None:
@@ -53,10 +45,10 @@ def pytest_sessionstart(session):
 def pytest_generate_tests(metafunc):
     full = bench_enabled(metafunc.config)
     if "filled_map" in metafunc.fixturenames:
-        sizes = SIZES["map_read"][full]
+        sizes = benchlib.SIZES["map_read"][full]
         metafunc.parametrize("filled_map", sizes, indirect=True, scope="module", ids=[size_label(n) for n in sizes])
     if "scrape_env" in metafunc.fixturenames:
-        cases = SIZES["scrape"][full]
+        cases = benchlib.SIZES["scrape"][full]
         metafunc.parametrize("scrape_env", cases, indirect=True, scope="module",
                              ids=[f"{kind}-{size_label(n)}" for kind, n in cases])
 
