@@ -152,9 +152,9 @@ def load(pin_dir=probe.DEFAULT_PIN_DIR, attach="auto", object_path=None,
         maps_before = {path for path in pins.maps() if path.exists()}
         result = LoadResult(None, str(pins.dir))
         for mode in candidates:
-            if mode in ("tracepoint", "kprobe"):
-                mounts.ensure_tracefs()
             try:
+                if mode in ("tracepoint", "kprobe"):
+                    mounts.ensure_tracefs()
                 result.links = _attach(pins, mode, object_path, sizes, pin_links=not foreground)
             except LoadError as exc:
                 result.skipped[mode] = _why(mode, exc)
