@@ -555,6 +555,7 @@ class Bpftrace:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             output, _ = self.proc.communicate()
+        self.output = output
         maps = {}
         for name, key, value in re.findall(r"^@(\w+)\[(.*)\]: (\d+)$", output, re.M):
             maps.setdefault(name, {})[key] = int(value)
