@@ -527,21 +527,33 @@ BPFTRACE_HOOK = {"tracepoint": "tracepoint sock:inet_sock_set_state",
 
 
 class Bpftrace:
-    """bpftrace running `script` until stop(); `programs` are the IDs of its loaded programs."""
+    """bpftrace running `script` until stop(); `programs` are the IDs of its loaded programs.
+    Returns once every program is attached: perf-event attachments (tracepoints, kprobes) are
+    listed by `bpftool perf list`; for other kinds (kfunc links) it waits half a second more."""
 
     def __init__(self, script, programs=2, timeout=60):
         self.proc = subprocess.Popen(["bpftrace", "-e", script], stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.output = ""
         deadline = time.monotonic() + timeout
         self.programs = set()
-        while len(self.programs) < programs:
+        perf_events = "kfunc:" not in script
+        while len(self.programs) < programs or (perf_events and self._attached() < programs):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 output = self.proc.stdout.read() if self.proc.poll() is not None else ""
                 stop(self.proc)
                 raise RuntimeError(f"bpftrace did not attach: {output}")
             time.sleep(0.1)
             self.programs = prog_ids_of(self.proc.pid)
-        time.sleep(0.5)  # attach follows load
+        if not perf_events:
+            time.sleep(0.5)
+
+    def _attached(self):
+        out = subprocess.run(["bpftool", "perf", "list", "--json"], capture_output=True, text=True).stdout
+        try:
+            return sum(1 for entry in json.loads(out or "[]") if entry.get("pid") == self.proc.pid)
+        except ValueError:
+            return 0
 
     def run_time_ns(self):
         return sum(prog_stats(prog)[0] for prog in self.programs)

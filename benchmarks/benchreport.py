@@ -35,6 +35,7 @@ class Row:
     ratio: str
     target: str
     passed: object  # True, False, or None for information
+    tight: bool = False  # passed within 5% of the target: one noisy run can flip it
 
 
 def _label(n):
@@ -59,29 +60,45 @@ def _min(stats):
     return stats["min"] if stats else None
 
 
+class _Verdict:
+    """A pass/fail that remembers whether it passed within 5% of the limit."""
+
+    def __init__(self, value, op, limit):
+        self.passed = value <= limit if op == "<=" else value >= limit if op == ">=" else value == limit
+        closeness = value / limit if op == "<=" else limit / value if op == ">=" and value else 0
+        self.tight = self.passed and op in ("<=", ">=") and closeness > 0.95
+
+    def __bool__(self):
+        return self.passed
+
+
 def _check(value, op, limit):
     if value is None:
         return None
-    return value <= limit if op == "<=" else value >= limit if op == ">=" else value == limit
+    return _Verdict(value, op, limit)
 
 
 def map_read_rows(r):
     rows = []
     sizes = sorted({key[2] for key in r.data if key[0] == "read"})
     for n in sizes:
-        a, b, c, d = (_min(r.get(("read", reader, n))) for reader in
-                      ("cython_batch", "cython_iterate", "c_floor", "ctypes_per_key"))
-        if a and c:
+        # each pair: (this reader's min, the min of its partner timed in the same rounds)
+        pairs = {reader: r.get(("read", reader, n)) for reader in
+                 ("cython_batch", "cython_iterate", "c_floor", "ctypes_per_key")}
+        if pairs["cython_batch"]:
+            a, c = pairs["cython_batch"]["min"], pairs["cython_batch"]["partner_min"]
             rows.append(Row(f"map read {_label(n)}: Cython batch vs C batch floor", _time(a), _time(c),
                             _ratio(a / c), "≤ 1.2×", _check(a / c, "<=", 1.2)))
-        if a and b:
+        if pairs["cython_iterate"]:
+            b, a = pairs["cython_iterate"]["min"], pairs["cython_iterate"]["partner_min"]
             target = n == 10000
             rows.append(Row(f"map read {_label(n)}: Cython batch speed-up over Cython per-key", _time(a), _time(b),
                             _ratio(b / a), "≥ 8×" if target else "info", _check(b / a, ">=", 8) if target else None))
-        if a and d:
+        if pairs["ctypes_per_key"]:
+            d, a = pairs["ctypes_per_key"]["min"], pairs["ctypes_per_key"]["partner_min"]
             rows.append(Row(f"map read {_label(n)}: Cython batch speed-up over ctypes per-key", _time(a), _time(d),
                             _ratio(d / a), "info", None))
-    floors = {n: _min(r.get(("read", "c_floor", n))) for n in sizes}
+    floors = {n: (r.get(("read", "cython_batch", n)) or {}).get("partner_min") for n in sizes}
     if floors.get(10000) and floors.get(100000):
         rows.append(Row("C batch floor 100k ÷ 10k (the kernel's own scaling)", _time(floors[100000]),
                         _time(floors[10000]), _ratio(floors[100000] / floors[10000]), "info", None))
@@ -172,14 +189,19 @@ def churn_rows(r):
 
 
 def rows(r):
-    return map_read_rows(r) + scrape_rows(r) + probe_rows(r) + churn_rows(r)
+    result = map_read_rows(r) + scrape_rows(r) + probe_rows(r) + churn_rows(r)
+    for row in result:
+        if isinstance(row.passed, _Verdict):
+            row.tight = row.passed.tight
+            row.passed = row.passed.passed
+    return result
 
 
 _HEAD = ("measure", "ours", "baseline", "ratio", "target", "result")
 
 
 def _cells(row):
-    verdict = {True: "PASS", False: "FAIL", None: "info"}[row.passed]
+    verdict = {True: "PASS", False: "FAIL", None: "info"}[row.passed] + ("*" if row.tight else "")
     return (row.measure, row.ours, row.baseline, row.ratio, row.target, verdict)
 
 
@@ -188,6 +210,8 @@ def text_table(rows):
     widths = [max(len(line[i]) for line in table) for i in range(len(_HEAD))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    if any(row.tight for row in rows):
+        lines.append("PASS*: within 5% of the target, so one noisy run can flip it (see RESULTS.md)")
     return "\n".join(lines)
 
 
@@ -253,7 +277,8 @@ def markdown(r, rows):
         markdown_table(rows),
         "",
         f"{len(rows) - sum(row.passed is None for row in rows)} targets: "
-        f"{sum(row.passed is True for row in rows)} passed, {len(failed)} failed.",
+        f"{sum(row.passed is True for row in rows)} passed ({sum(row.tight for row in rows)} of them within 5%), "
+        f"{len(failed)} failed.",
         "",
         METHOD,
         "",
@@ -262,9 +287,11 @@ def markdown(r, rows):
         details(r),
         "",
     ]
-    notes = [ANALYSIS[key] for key in ANALYSIS if any(row.measure.startswith(key) for row in failed)]
+    close = [row for row in rows if row.passed is False or row.tight]
+    notes = [ANALYSIS[key] for key in ANALYSIS if any(row.measure.startswith(key) for row in close)]
     if notes:
-        parts += ["## Missed targets: cause and proposed fix", ""] + notes + [""]
+        parts += ["## Missed or tight targets: cause and proposed fix",
+                  "", "(PASS* in the table: passed within 5% of the target.)", ""] + notes + [""]
     return "\n".join(parts)
 
 
@@ -275,7 +302,11 @@ METHOD = """## Method
   BPF_MAP_UPDATE_BATCH by `bpfbench.c`. (a) `BpfMap.read("batch")`, (b) `BpfMap.read("iterate")`,
   (c) the same BPF_MAP_LOOKUP_BATCH loop in plain C (`bench_read_batch`, compiled by the benchmark, called
   through ctypes into buffers allocated once), (d) GET_NEXT_KEY + LOOKUP_ELEM per key through ctypes
-  (`benchlib.CtypesPidMap`). Every reader's entries are checked against what was inserted.
+  (`benchlib.CtypesPidMap`). Every reader's entries are checked against what was inserted. Ratios pair
+  each reader's rounds with its comparison reader run just before every round (the floor for (a), (a)
+  for the others), so both sides see the same stretch of this noisy machine. In the per-key rows the
+  batch read runs right after a per-key walk has churned the caches, so it shows slower there than in
+  the floor row: that makes those speed-ups conservative.
 - **Scrape**: GET /metrics on a fresh loopback connection, same client for both. tcpmon: `tcpmon serve`
   (gunicorn, 1 worker). Baseline: `old_agent.py` (per-key ctypes walk, /proc/<pid>/comm per PID, one
   prometheus-client Gauge child per series, `generate_latest()` from prometheus-client's own WSGI server).
