@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 
 MODES_ORDER = ("kprobe", "fentry", "tp_btf", "tracepoint", "auto")
@@ -153,6 +154,42 @@ def evaluate(rundirs):
     return rows, failures, kernels
 
 
+def version_key(release):
+    """'6.12.95+deb12-amd64' -> (6, 12, 95) for ordering kernels."""
+    numbers = re.match(r"[\d.]+", release or "")
+    return tuple(int(n) for n in numbers.group(0).strip(".").split(".")) if numbers else ()
+
+
+def summary(rows, kernels):
+    """Sentences derived from the rows: where each mode counted exactly, what persists."""
+    lines = []
+    for mode in MODES_ORDER:
+        mine = [r for r in rows if r["result"].get("mode") == mode]
+        if not mine:
+            continue
+        def where(verdict):
+            return ", ".join(f"{r['kernel']}" for r in mine if r["verdict"] == verdict)
+        text = f"- `{mode}`: counted exactly on {where('PASS') or 'no kernel'}"
+        if where("UNSUPPORTED"):
+            text += f"; not supported on {where('UNSUPPORTED')}"
+        if where("FAIL"):
+            text += f"; **failed** on {where('FAIL')}"
+        lines.append(text + ".")
+    perf = [r for r in rows if r["result"].get("link_type") == "perf_event"]
+    if perf:
+        kept = sorted({r["kernel"] for r in perf if r["verdict"] == "PASS"}, key=version_key)
+        lost = sorted({r["kernel"] for r in perf if r["verdict"] != "PASS"}, key=version_key)
+        lines.append(f"- Pinned perf-event links (kprobe, tracepoint) kept counting after `tcpmon load` "
+                     f"exited on: {', '.join(kept) or 'none'}" + (f"; not on: {', '.join(lost)}" if lost else "") + ".")
+    for arch in sorted({k["arch"] for k in kernels}):
+        complete = sorted((k["kernel"] for k in kernels if k["arch"] == arch and all(
+            r["verdict"] == "PASS" for r in rows if r["label"] == k["label"]) and any(
+            r["label"] == k["label"] for r in rows)), key=version_key)
+        lines.append(f"- {arch}: every attach mode counted exactly on "
+                     f"{', '.join(complete) if complete else 'no kernel of this run'}.")
+    return lines
+
+
 def markdown(rows, kernels, failures):
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     out = ["# Kernel matrix", "",
@@ -173,7 +210,8 @@ def markdown(rows, kernels, failures):
            "PID dropped on exit | unload | result |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODES_ORDER)}
-    for row in sorted(rows, key=lambda r: (r["label"], order.get(r["result"].get("mode"), 99))):
+    runs = {k["label"]: i for i, k in enumerate(kernels)}   # matrix.conf order
+    for row in sorted(rows, key=lambda r: (runs.get(r["label"], 99), order.get(r["result"].get("mode"), 99))):
         r = row["result"]
         expected = r.get("expected")
         mode = r.get("mode", "?")
@@ -192,6 +230,7 @@ def markdown(rows, kernels, failures):
             cell(int(total) if isinstance(total, float) and total.is_integer() else total, expected),
             yes_no.get(r.get("pid_dropped_on_exit"), "–"), yes_no.get(r.get("unloaded"), "–"),
             verdict.replace("|", "\\|")]) + " |")
+    out += ["", "## What the table says", ""] + summary(rows, kernels)
     out += ["", "## Guests", "",
             "| label | kernel | package | suite | guest | BTF | kprobe PMU | seconds (boot to poweroff) |",
             "|---|---|---|---|---|---|---|---|"]

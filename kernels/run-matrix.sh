@@ -239,7 +239,9 @@ build_initramfs() { # LABEL ARCH TREE
 	rel=$(kernel_release "$tree")
 	moddir=$(modules_root "$tree" "$rel")
 	busybox=$(busybox_for "$arch")
-	[ -f "$moddir/modules.dep" ] || depmod -b "${moddir%/lib/modules/*}" "$rel"
+	# Debian 13 packages leave modules.dep to the installer (and ship no modules.order).
+	[ -f "$moddir/modules.dep" ] || depmod -b "${moddir%/lib/modules/*}" "$rel" 2>/dev/null ||
+		die "depmod failed for $rel"
 	order=$(module_load_order "$moddir" "${NEEDED_MODULES[@]}")
 	key=$({ sha256sum "$here/guest-init.sh" "$busybox" | cut -d' ' -f1; echo "$rel $order"; cat "$dir/debs.txt"; } |
 		sha256sum | cut -d' ' -f1)
