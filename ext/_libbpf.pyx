@@ -10,7 +10,7 @@ from libbpf_api cimport *
 
 import os
 
-from tcpmon.errors import LoadError
+from tcpmon.errors import LoadError, strerror
 
 cdef list _log = []   # libbpf's messages since the last take_log()
 cdef bint _debug = False
@@ -46,7 +46,7 @@ class LibbpfError(LoadError):
         self.call = call
         self.errno = err
         self.log = take_log()
-        super().__init__(f"{call} {subject}: {os.strerror(err)}")
+        super().__init__(f"{call} {subject}: {strerror(err)}")
 
 
 cdef inline int check(int ret, str call, subject) except -1:

@@ -12,7 +12,7 @@ import os
 from tcpmon.errors import MapLayoutError, bpf_error
 
 # Kernel-internal errno that BPF_MAP_LOOKUP_BATCH returns for maps without batch support.
-cdef int ENOTSUPP = 524
+cdef int ENOTSUPP = 524  # tcpmon.errors.ENOTSUPP
 cdef int BATCH_UNSUPPORTED = 1
 
 # The ABI, as bpf/tcpmon.h defines it.

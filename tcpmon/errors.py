@@ -19,6 +19,14 @@ class LoadError(TcpmonError, RuntimeError):
     """The loader could not load or attach the probe."""
 
 
+ENOTSUPP = 524  # kernel-internal "not supported" that bpf() and libbpf pass on
+
+
+def strerror(err):
+    """os.strerror, also for the kernel-internal ENOTSUPP."""
+    return "Operation not supported (ENOTSUPP)" if err == ENOTSUPP else os.strerror(err)
+
+
 _HINTS = {
     errno.EPERM: "needs CAP_BPF (run as root, or grant the capability)",
     errno.EACCES: "permission denied by the pin's file mode or an LSM",
@@ -32,7 +40,7 @@ def bpf_error(command, err, path=None, hint=None):
     with strerror saying which bpf command failed on which path and what to do."""
     where = f" {path}" if path else ""
     why = hint or _HINTS.get(err)
-    message = f"{command}{where}: {os.strerror(err)}" + (f": {why}" if why else "")
+    message = f"{command}{where}: {strerror(err)}" + (f": {why}" if why else "")
     return OSError(err, message)
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 
 from tcpmon import _libbpf, _maps, mounts, probe
-from tcpmon.errors import LoadError
+from tcpmon.errors import ENOTSUPP, LoadError
 
 log = logging.getLogger("tcpmon.loader")
 
@@ -21,6 +21,7 @@ log = logging.getLogger("tcpmon.loader")
 _HINTS = {
     ("fentry", errno.EPERM): "the kernel refuses fentry programs here (lockdown or no BPF trampoline)",
     ("fentry", errno.ESRCH): "tcp_connect has no BTF entry in this kernel",
+    ("fentry", ENOTSUPP): "no BPF trampoline on this kernel (arm64 has one from 6.4 on)",
     ("kprobe", errno.ENOENT): "kprobes are unavailable (CONFIG_KPROBES unset) or tcp_connect is not probeable",
     ("kprobe", errno.EOPNOTSUPP): "kprobes are unavailable on this kernel",
     ("tp_btf", errno.ESRCH): "no BTF for the inet_sock_set_state tracepoint",
