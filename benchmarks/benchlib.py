@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -575,27 +576,39 @@ class Bpftrace:
 
 
 class NoopPrograms:
-    """benchmarks/noop.bpf.c's empty program for `mode`, attached: what one run costs by itself."""
-    PROGRAMS = {"tp_btf": "noop_tp_btf", "tracepoint": "noop_tp"}
+    """benchmarks/noop.bpf.c's empty program for `mode` ("tp_btf", "tracepoint" or "idle"), loaded;
+    attach() / detach() at will; pinned at `pin_path` (if given) to read its run time like tcpmon's."""
+    PROGRAMS = {"tp_btf": "noop_tp_btf", "tracepoint": "noop_tp", "idle": "noop_idle"}
 
-    def __init__(self, object_path, mode, pin_path):
+    def __init__(self, object_path, mode, pin_path=None, attach=True):
         from tcpmon import _libbpf
         self.program = self.PROGRAMS[mode]
-        self.pin_path = str(pin_path)
+        self.pin_path = str(pin_path) if pin_path else None
         self.obj = _libbpf.BpfObject(str(object_path))
         for program in self.PROGRAMS.values():
             self.obj.set_autoload(program, program == self.program)
         self.obj.load()
+        self.link = None
+        if attach:
+            self.attach()
+        if self.pin_path:
+            self.obj.pin_program(self.program, self.pin_path)
+
+    def attach(self):
         self.link = self.obj.attach(self.program)
-        self.obj.pin_program(self.program, self.pin_path)  # for its run time, read like tcpmon's
+
+    def detach(self):
+        if self.link is not None:
+            self.link.destroy()
+            self.link = None
 
     def run_time_ns(self):
         return _maps.pinned_prog_info(self.pin_path)["run_time_ns"]
 
     def close(self):
-        self.link.destroy()
+        self.detach()
         self.obj.close()
-        if os.path.exists(self.pin_path):
+        if self.pin_path and os.path.exists(self.pin_path):
             os.unlink(self.pin_path)
 
 
@@ -603,3 +616,82 @@ def tcpmon_run_time_ns(pin_dir):
     """Kernel run time of tcpmon's programs (connect + exit) pinned under `pin_dir`."""
     pins = probe.Pins(pin_dir)
     return sum(_maps.pinned_prog_info(path)["run_time_ns"] for path in pins.programs())
+
+
+# --- connect rate with the probe toggled under a running loop -------------------------------
+
+class ProbeToggle:
+    """tcpmon's shipped BPF object loaded for `mode` (its connect program only: the exit hook does not
+    run in a connect loop), attached and detached at will without reloading."""
+
+    def __init__(self, mode):
+        from tcpmon import _libbpf
+        self.program = probe.ATTACH_PROGRAMS[mode]
+        self.obj = _libbpf.BpfObject(loader.default_object())
+        for program in list(probe.ATTACH_PROGRAMS.values()) + [probe.EXIT_PROGRAM]:
+            self.obj.set_autoload(program, program == self.program)
+        self.obj.load()
+        self.link = None
+
+    def attach(self):
+        self.link = self.obj.attach(self.program)
+
+    def detach(self):
+        if self.link is not None:
+            self.link.destroy()
+            self.link = None
+
+    def close(self):
+        self.detach()
+        self.obj.close()
+
+
+def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):
+    """Run `procfarm stream` for `seconds` while `toggle` (a ProbeToggle or NoopPrograms, loaded
+    and detached) is attached for every other `period`; closes `toggle`.
+    Returns {"pairs": [(without, with) CPU ns per connect of adjacent periods], "errors"}: each pair
+    is two neighbouring fractions of a second, so a busy stretch of the machine hits both alike."""
+    out_file = tempfile.TemporaryFile(mode="w+")   # its report is larger than a pipe holds
+    proc = subprocess.Popen(["unshare", "-n", str(procfarm), "stream", str(seconds), str(every)],
+                            stdout=out_file, stderr=subprocess.PIPE, text=True)
+    changes = []   # (earliest ns the new state may hold, latest ns the old state may hold, new state)
+    try:
+        time.sleep(0.2)   # the loop starts (unshare, exec) detached
+        attached = False
+        while proc.poll() is None:
+            time.sleep(period)
+            before = time.monotonic_ns()
+            toggle.detach() if attached else toggle.attach()
+            attached = not attached
+            changes.append((time.monotonic_ns(), before, attached))
+        err = proc.stderr.read()
+        out_file.seek(0)
+        out = out_file.read()
+    finally:
+        toggle.close()
+        stop(proc)
+        out_file.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"procfarm stream failed: {err}")
+    report = json.loads(out)
+    records = report["records"]
+    # period k runs from changes[k-1] to changes[k] (period 0 from the start: detached)
+    sums = {}
+    k = 0
+    for (t0, c0, n0), (t1, c1, n1) in zip(records, records[1:]):
+        while k < len(changes) and changes[k][1] <= t0:
+            k += 1       # this stretch starts after change k's call returned... or during it
+        if k < len(changes) and changes[k][1] < t1:
+            continue     # a toggle happened inside this stretch: not clearly one state
+        if k > 0 and changes[k - 1][0] > t0:
+            continue     # the previous toggle's call was still running at t0
+        state = changes[k - 1][2] if k > 0 else False
+        cpu, n = sums.get(k, (0, 0, state))[:2]
+        sums[k] = (cpu + c1 - c0, n + n1 - n0, state)
+    pairs = []
+    for k in sorted(sums):
+        cpu, n, state = sums[k]
+        prev = sums.get(k - 1)
+        if state and prev and not prev[2] and n and prev[1]:
+            pairs.append((prev[0] / prev[1], cpu / n))
+    return {"pairs": pairs, "errors": report["errors"]}

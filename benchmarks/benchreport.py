@@ -153,19 +153,24 @@ def probe_rows(r):
             rows.append(Row(f"probe {mode}: same, above the empty-program floor ({floor:.0f} ns)",
                             f"{ours - floor:.0f} ns", f"{base - floor:.0f} ns",
                             _ratio((ours - floor) / (base - floor)), "info", None))
+    check = r.get(("rate_check",))
     for mode in ("fentry", "kprobe", "tp_btf", "tracepoint"):
         rate = r.get(("rate", mode))
-        if rate:
-            rows.append(Row(f"connects per CPU-second with the {mode} probe vs without", f"{rate['with']:,.0f}/s",
-                            f"{rate['without']:,.0f}/s", _ratio(rate["ratio"]), "≥ 0.98×",
-                            _check(rate["ratio"], ">=", 0.98)))
-            cost = r.get(("probe", mode)) or {}
-            if cost.get("noop") is not None:
-                # the probe's own work per connect (stats off: no clock reads) against the loop's CPU per connect
-                extra = cost["tcpmon"] - cost["noop"]
-                per_connect = 1e9 / rate["without"]
-                rows.append(Row(f"same, implied by the probe's {extra:.0f} ns over {per_connect / 1e3:.1f} µs "
-                                "per connect", "—", "—", _ratio(per_connect / (per_connect + extra)), "info", None))
+        if not rate:
+            continue
+        err = f" ±{rate['stderr']:.3f}" if rate.get("stderr") else ""
+        rows.append(Row(f"connects/s (per CPU-second) with the {mode} probe vs without",
+                        f"{rate['with']:,.0f}/s", f"{rate['without']:,.0f}/s", _ratio(rate["ratio"]) + err,
+                        "≥ 0.98×", _check(rate["ratio"], ">=", 0.98)))
+        empty = rate.get("empty_program")
+        if empty:
+            rows.append(Row(f"same for an empty program on the {mode} hook (what the hook costs)", "—", "—",
+                            _ratio(empty["ratio"]) + (f" ±{empty['stderr']:.3f}" if empty.get("stderr") else ""),
+                            "info", None))
+    if check:
+        rows.append(Row("same for an empty program on a hook the loop never fires (method check)", "—", "—",
+                        _ratio(check["ratio"]) + (f" ±{check['stderr']:.3f}" if check.get("stderr") else ""),
+                        "info", None))
     return rows
 
 
@@ -319,11 +324,14 @@ METHOD = """## Method
   connects in a netns (each is 2 runs on inet_sock_set_state: CLOSE→SYN_SENT, SYN_SENT→CLOSE). ns per
   connect = Δ(sum of run_time_ns of the programs) ÷ connects made, per window; the best window is shown.
   The empty program's cost is mostly the two clock reads bpf_stats itself adds to each run.
-- **connects/s**: the same loop for 1 s with and without the probe (stats off, as in production), in
-  rounds of shuffled order; rate = connects ÷ the loop's own CPU time (user + system: the scheduler's
-  exact run time, softirq work on its behalf included, waiting for a CPU excluded), since on this shared
-  2-CPU machine a wall-clock rate measures the neighbours' load (wall-clock rates are in the details);
-  ratio = median over rounds of (with ÷ without of that round).
+- **connects/s**: one refused-connect loop (`procfarm stream`) runs for 12 s and notes its own thread
+  CPU time every 256 attempts, while tcpmon's shipped object, loaded once, is attached and detached
+  every 0.2 s (stats off, as in production). Rate = attempts ÷ the loop's CPU time (the scheduler's
+  exact run time: on this shared 2-CPU machine wall-clock time mostly measures the neighbours); each
+  "with" stretch is paired with the "without" stretch just before it, the ratio is the median over
+  pairs (± its standard error). Stretches that contain an attach or detach are dropped. Done the same
+  way for an empty program on the same hook (the cost of the hook itself) and on a hook the loop never
+  fires (must give 1.00: checks the method).
 - **Memory**: VmRSS of the gunicorn worker after the scrapes (old agent: its only process).
 - **PID churn**: `procfarm churn` forks the processes 500 at a time, each named the same, one refused
   connect, exit; then it steers the kernel (ns_last_pid) into giving some of their dead PIDs to new live
@@ -357,13 +365,20 @@ ANALYSIS = {
   helpers otherwise); the verifier inlines bpf_get_current_task_btf. It verifies and loads in both tp_btf
   and tracepoint mode on this kernel. A prototype measured in one run: tp_btf 228 -> 202 ns, tracepoint
   226 -> 203 ns per connect (bpftrace 420-432 ns): ratio 0.53 -> 0.47.""",
-    "connects per CPU-second": """### connects/s with vs without the probe
+    "connects/s": """### connects/s with vs without the probe
 
-The probe's own work per connect (its kernel ns above the empty-program floor, stats off in this test)
-is about 0.1 µs against about 18 µs of CPU per refused loopback connect: the expected ratio is the
-"implied" row (about 0.99). Rounds of one second on this shared 2-CPU machine scatter by a few percent
-even on CPU time (neighbours evict the caches), which is the size of a miss here; the probe-cost fix above
-lowers the real overhead further.""",
+- A refused loopback connect is two runs of the inet_sock_set_state hook (CLOSE→SYN_SENT, counted;
+  SYN_SENT→CLOSE, filtered out) and about 14 µs of CPU in this VM. The "empty program on the same hook"
+  rows, measured the same way in the same run, are what merely having a BPF program there costs: about
+  1% for tp_btf (the raw-tracepoint dispatch) and about 2% for the classic tracepoint, which also fills a
+  perf trace record for every run before calling the program. **In tracepoint mode the 0.98 target is
+  therefore out of reach for any program on this hook on this machine**: the empty program alone is at
+  the limit. `--attach auto` already prefers tp_btf.
+- tcpmon's own body adds about 1-1.5% on top (about 150-200 ns per connect including the cache lines it
+  evicts from the loop: two hash-map lookups, two atomic adds, the comm and pid helpers).
+- The method is checked in the same run by an empty program on a hook the loop never fires (must be 1.00).
+- **Proposed fix**: the probe-cost fix above (tgid and comm from the BTF task: about -20 to -25 ns per
+  connect, about +0.2% here) narrows the tp_btf gap; the hook's own cost is the kernel's.""",
     "scrape 10k": """### Scrape vs the batch read floor at 10k
 
 Per scrape, beyond reading `connects` (the floor), the worker spends (in-process, min of 60, 10k

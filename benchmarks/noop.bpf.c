@@ -1,9 +1,11 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Empty programs on tcpmon's connect hooks: what one run costs before a
- * program does anything (the kernel's dispatch, and with
- * kernel.bpf_stats_enabled=1 the clock reads that measure it).  The probe-cost
- * benchmark attaches them beside tcpmon and bpftrace to show that floor.
+ * Empty programs, for the probe benchmarks (test_probe.py):
+ *   noop_tp_btf, noop_tp  on tcpmon's connect hooks (tp_btf and classic tracepoint): what a run
+ *                         costs before a program does anything (the kernel's dispatch, and with
+ *                         kernel.bpf_stats_enabled=1 the clock reads that time it);
+ *   noop_idle             on a hook a connect loop never fires (task_rename): attaching it must
+ *                         change nothing, which checks the with/without method itself.
  */
 #define SEC(name) __attribute__((section(name), used))
 
@@ -17,6 +19,12 @@ int noop_tp_btf(void *ctx)
 
 SEC("tracepoint/sock/inet_sock_set_state")
 int noop_tp(void *ctx)
+{
+	return 0;
+}
+
+SEC("tp_btf/task_rename")
+int noop_idle(void *ctx)
 {
 	return 0;
 }

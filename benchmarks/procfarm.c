@@ -26,6 +26,12 @@
  *       this process's user + system time (the scheduler's exact run time, softirq work done on its
  *       behalf included), which a busy machine's other tasks do not inflate.
  *
+ *   procfarm stream SECONDS EVERY
+ *       the refused-connect loop for SECONDS, noting (CLOCK_MONOTONIC ns, this thread's CPU ns,
+ *       attempts so far) every EVERY attempts; prints {"records": [[t, cpu, n], ...], "errors": E}.
+ *       The benchmark attaches and detaches the probe on a schedule meanwhile, and compares the CPU
+ *       per attempt of the stretches with and without it.
+ *
  * A child that fails its connect exits (or reports) an error; nothing here
  * talks to any address but 127.0.0.1 inside the namespace.
  */
@@ -342,6 +348,48 @@ static int cmd_loop(long count, double seconds, const char *mode, const char *co
 	return 0;
 }
 
+static long long clock_ns(clockid_t id)
+{
+	struct timespec ts;
+
+	clock_gettime(id, &ts);
+	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static int cmd_stream(double seconds, long every)
+{
+	long long end = clock_ns(CLOCK_MONOTONIC) + (long long)(seconds * 1e9), (*records)[3] = NULL;
+	long done = 0, errors = 0, n = 0, capacity = 0;
+	int holder, port = closed_port(&holder);
+
+	for (;;) {
+		if (done % every == 0) {
+			long long t = clock_ns(CLOCK_MONOTONIC);
+
+			if (n == capacity) {
+				capacity = capacity ? 2 * capacity : 4096;
+				records = realloc(records, capacity * sizeof(*records));
+				if (!records)
+					die("realloc");
+			}
+			records[n][0] = t;
+			records[n][1] = clock_ns(CLOCK_THREAD_CPUTIME_ID);
+			records[n][2] = done;
+			n++;
+			if (t >= end)
+				break;
+		}
+		if (connect_refused(port) < 0)
+			errors++;
+		done++;
+	}
+	printf("{\"records\": [");
+	for (long i = 0; i < n; i++)
+		printf("%s[%lld,%lld,%lld]", i ? "," : "", records[i][0], records[i][1], records[i][2]);
+	printf("], \"errors\": %ld}\n", errors);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOFBF, 1 << 20);
@@ -352,10 +400,12 @@ int main(int argc, char **argv)
 		return cmd_hold(atoi(argv[2]), argv[3], atoi(argv[4]));
 	if (strcmp(argv[1], "churn") == 0 && argc == 7)
 		return cmd_churn(atoi(argv[2]), atoi(argv[3]), argv[4], atoi(argv[5]), argv[6]);
+	if (strcmp(argv[1], "stream") == 0 && argc == 4)
+		return cmd_stream(atof(argv[2]), atol(argv[3]));
 	if (strcmp(argv[1], "loop") == 0 && (argc == 5 || argc == 6))
 		return cmd_loop(atol(argv[2]), atof(argv[3]), argv[4], argc == 6 ? argv[5] : NULL);
 usage:
 	fprintf(stderr, "usage: procfarm hold N PREFIX NCOMMS | churn TOTAL BATCH COMM REUSE REUSECOMM |"
-		" loop COUNT SECONDS refused|accept [COMM]\n");
+		" loop COUNT SECONDS refused|accept [COMM] | stream SECONDS EVERY\n");
 	return 2;
 }
