@@ -2,7 +2,7 @@
 # Cross-builds the tcpmon package (its Cython extensions and the arch's BPF
 # object) as a wheel for another Debian architecture, on an amd64 Debian host:
 #
-#   scripts/build-cross.sh [--no-run] [arm64|arm|riscv]   -> build/cross/<arch>/tcpmon-*.whl
+#   scripts/build-cross.sh [--no-run] [arm64|arm]   -> build/cross/<arch>/tcpmon-*.whl
 #
 # 1. A sysroot of the target's Debian packages (python3.11, libpython3.11-dev,
 #    libbpf-dev, libc6-dev, ...) unpacked from .debs that scripts/debian-apt.sh
@@ -18,8 +18,8 @@
 #    run the same wheel for real).
 #
 # Needs gcc-<triplet> (e.g. gcc-aarch64-linux-gnu) and qemu-user-static.
-# arm64 is what the kernel matrix uses and is tested; arm and riscv follow the
-# same recipe.
+# arm64 is what the kernel matrix uses and is tested; arm follows the same
+# recipe; riscv is refused (no Debian 12 port).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run=1
@@ -31,8 +31,12 @@ arch=${1:-arm64}
 case $arch in
 arm64) debarch=arm64 triplet=aarch64-linux-gnu machine=AArch64 qemu=qemu-aarch64-static ;;
 arm) debarch=armhf triplet=arm-linux-gnueabihf machine=ARM qemu=qemu-arm-static ;;
-riscv) debarch=riscv64 triplet=riscv64-linux-gnu machine=RISC-V qemu=qemu-riscv64-static ;;
-*) echo "build-cross: arch $arch: use arm64, arm or riscv" >&2; exit 2 ;;
+riscv)
+	echo "build-cross: riscv: Debian 12 has no riscv64 port (official from Debian 13, with Python 3.13);" \
+		"a trixie sysroot and a cp313 wheel would be needed" >&2
+	exit 2
+	;;
+*) echo "build-cross: arch $arch: use arm64 or arm" >&2; exit 2 ;;
 esac
 # What the build needs from the target, and what the kernel-matrix guest runs with.
 PACKAGES=(libc6-dev linux-libc-dev libpython3.11-dev libbpf-dev libelf-dev zlib1g-dev
