@@ -14,7 +14,7 @@ from tcpmon.errors import LoadError
 
 WINDOWS = (1, 10)         # (quick, full) measurement windows per mode
 CONNECTS = (2000, 20000)  # connects per window
-RATE_SECONDS = (1.0, 16.0)   # per toggled run: (quick, full)
+RATE_SECONDS = (2.0, 16.0)   # per toggled run: (quick, full)
 
 
 def comm_total(pin_dir, comm):
