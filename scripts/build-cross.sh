@@ -18,8 +18,9 @@
 #    run the same wheel for real).
 #
 # Needs gcc-<triplet> (e.g. gcc-aarch64-linux-gnu) and qemu-user-static.
-# arm64 is what the kernel matrix uses and is tested; arm follows the same
-# recipe; riscv is refused (no Debian 12 port).
+# arm64 is what the kernel matrix's arm64 guests run; arm (armhf) builds and
+# imports under qemu-user the same way but boots in no guest; riscv is refused
+# (no Debian 12 port).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 run=1
@@ -29,8 +30,8 @@ if [ "${1:-}" = --no-run ]; then
 fi
 arch=${1:-arm64}
 case $arch in
-arm64) debarch=arm64 triplet=aarch64-linux-gnu machine=AArch64 qemu=qemu-aarch64-static ;;
-arm) debarch=armhf triplet=arm-linux-gnueabihf machine=ARM qemu=qemu-arm-static ;;
+arm64) debarch=arm64 triplet=aarch64-linux-gnu machine=AArch64 qemu=qemu-aarch64-static plat=linux-aarch64 ;;
+arm) debarch=armhf triplet=arm-linux-gnueabihf machine=ARM qemu=qemu-arm-static plat=linux-armv7l ;;
 riscv)
 	echo "build-cross: riscv: Debian 12 has no riscv64 port (official from Debian 13, with Python 3.13);" \
 		"a trixie sysroot and a cp313 wheel would be needed" >&2
@@ -104,7 +105,7 @@ say "building the wheel with $triplet-gcc"
 	export PYTHONPATH=$cache/sysconfig
 	_PYTHON_SYSCONFIGDATA_NAME=$(basename "$sysconfigdata" .py)
 	export _PYTHON_SYSCONFIGDATA_NAME
-	export _PYTHON_HOST_PLATFORM=linux-${triplet%%-*}
+	export _PYTHON_HOST_PLATFORM=$plat # the wheel's platform tag
 	export CC="$triplet-gcc --sysroot=$sysroot"
 	export LDSHARED="$triplet-gcc --sysroot=$sysroot -shared"
 	export CFLAGS="$pyinc"
