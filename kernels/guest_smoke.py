@@ -15,6 +15,7 @@ Also the connector: `guest_smoke.py --connector PORT N` renames itself and conne
 """
 import argparse
 import ctypes
+import hashlib
 import json
 import os
 import platform
@@ -88,10 +89,26 @@ class Guest:
 
     def facts(self):
         return {"release": platform.release(), "machine": platform.machine(),
+                "object_sha256": self.object_sha256(),
                 "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
                 "kprobe_pmu": os.path.exists("/sys/bus/event_source/devices/kprobe"),
                 "tracepoint": os.path.isdir("/sys/kernel/tracing/events/sock/inet_sock_set_state"),
                 "cpus": os.cpu_count(), "python": platform.python_version()}
+
+    def object_sha256(self):
+        """Which BPF object the guest loads: --bpf-object, or the one in the tcpmon package."""
+        path = self.args.bpf_object
+        if not path:
+            try:
+                import importlib.resources
+                path = str(importlib.resources.files("tcpmon") / "data" / "tcpconnect.bpf.o")
+            except ImportError:
+                return None
+        try:
+            with open(path, "rb") as f:
+                return hashlib.sha256(f.read()).hexdigest()
+        except OSError:
+            return None
 
     def smoke(self, mode, expected):
         pin_dir = f"/sys/fs/bpf/tcpmon-kern-{os.getpid()}-{mode}"

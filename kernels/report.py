@@ -124,7 +124,7 @@ def evaluate(rundirs):
         kernels.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
                         "machine": facts.get("machine", "?"), "suite": meta.get("suite", "?"),
                         "packages": kernel_package(meta.get("packages", "")), "seconds": meta.get("boot_seconds", "?"),
-                        "qemu": meta.get("qemu", "?"), "facts": facts})
+                        "qemu": meta.get("qemu", "?"), "git": meta.get("git", "?"), "facts": facts})
         seen = set()
         for result in results:
             verdict, reasons = judge(result, must)
@@ -232,14 +232,15 @@ def markdown(rows, kernels, failures):
             verdict.replace("|", "\\|")]) + " |")
     out += ["", "## What the table says", ""] + summary(rows, kernels)
     out += ["", "## Guests", "",
-            "| label | kernel | package | suite | guest | BTF | kprobe PMU | seconds (boot to poweroff) |",
-            "|---|---|---|---|---|---|---|---|"]
+            "| label | kernel | package | suite | guest | BTF | kprobe PMU | tcpmon (git, BPF object sha256) "
+            "| seconds (boot to poweroff) |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for k in kernels:
         f = k["facts"]
         out.append(f"| {k['label']} | {k['kernel']} | {k['packages']} | {k['suite']} | "
                    f"{k['machine']}, {f.get('cpus', '?')} CPUs, Python {f.get('python', '?')} | "
                    f"{'yes' if f.get('btf') else 'no'} | {'yes' if f.get('kprobe_pmu') else 'no'} | "
-                   f"{k['seconds']} |")
+                   f"{k['git']}, {(f.get('object_sha256') or '?')[:12]} | {k['seconds']} |")
     qemus = sorted({k["qemu"] for k in kernels})
     out += ["", f"Host: {platform.system()} {platform.release()} {platform.machine()}; "
             f"{'; '.join(qemus)}.", ""]

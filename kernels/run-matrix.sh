@@ -346,7 +346,8 @@ for entry in "${entries[@]}"; do
 	rundir=${runs_dir:-$cache/runs}/$label
 	rm -rf "$rundir"
 	mkdir -p "$rundir"
-	printf '%s\n' "label=$label" "arch=$arch" "must=$must" "modes=$modes" "suite=$suite" >"$rundir/meta.env"
+	printf '%s\n' "label=$label" "arch=$arch" "must=$must" "modes=$modes" "suite=$suite" \
+		"git=$(git -C "$root" describe --always --dirty 2>/dev/null || echo unknown)" >"$rundir/meta.env"
 	t0=$(date +%s)
 	# One kernel that cannot be fetched or booted fails its row, not the whole matrix.
 	# (errexit only works in a subshell that is not the operand of || or if.)
