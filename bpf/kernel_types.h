@@ -17,6 +17,7 @@ typedef __u16 __be16;
 typedef __u32 __be32;
 typedef __u32 __wsum;
 typedef _Bool bool;
+enum { false = 0, true = 1 };
 
 enum bpf_map_type {
 	BPF_MAP_TYPE_HASH = 1,
@@ -42,8 +43,15 @@ struct signal_struct {
 } __attribute__((preserve_access_index));
 
 struct task_struct {
+	int tgid;
+	char comm[16];
 	struct signal_struct *signal;
 } __attribute__((preserve_access_index));
+
+/* Only for bpf_core_enum_value_exists(): does the running kernel have this helper? */
+enum bpf_func_id {
+	BPF_FUNC_get_current_task_btf = 158,
+};
 
 struct sock {
 	__u16 sk_protocol;
