@@ -53,6 +53,7 @@ for dir in tmp run var/tmp; do
 	[ -d "/newroot/$dir" ] && mount -t tmpfs tmpfs "/newroot/$dir"
 done
 if [ -n "${TCPMON_REPO_TAG:-}" ]; then
+	mkdir -p "/newroot$TCPMON_REPO" 2>/dev/null # exists already unless under a tmpfs above
 	mount -t 9p -o "$ninep,cache=loose,ro" "$TCPMON_REPO_TAG" "/newroot$TCPMON_REPO" ||
 		say "cannot mount the repository share ($TCPMON_REPO_TAG)"
 fi

@@ -92,7 +92,8 @@ fi
 if [ -n "$bpf_object" ]; then
 	bpf_object=$(realpath "$bpf_object")
 	[ -f "$bpf_object" ] || die "--bpf-object $bpf_object: no such file"
-	[[ $bpf_object != /tmp/* ]] || die "--bpf-object $bpf_object: the guest mounts a tmpfs over /tmp; put it elsewhere"
+	[[ $bpf_object == "$root"/* || $bpf_object != /tmp/* ]] ||
+		die "--bpf-object $bpf_object: the guest mounts a tmpfs over /tmp; put it in the repository or elsewhere"
 fi
 [ -z "$runs_dir" ] || runs_dir=$(realpath -m "$runs_dir")
 if [ -z "$output" ]; then
@@ -288,8 +289,11 @@ kernel_image() { # TREE
 
 # Boots one guest; the smoke's results land in RUNDIR/results.jsonl.
 boot() { # LABEL ARCH TREE INITRAMFS RUNDIR
-	local label=$1 arch=$2 tree=$3 initramfs=$4 rundir=$5 image qemu share python pythonpath="" repo_tag=""
-	local -a machine extra=()
+	local label=$1 arch=$2 tree=$3 initramfs=$4 rundir=$5 image qemu share python pythonpath=""
+	# The repository has a share of its own, mounted over the guest's tmpfs dirs, so
+	# a checkout under /tmp (as CI's may be) stays visible in the guest.
+	local repo_tag=repo
+	local -a machine extra=(-virtfs "local,path=$root,mount_tag=repo,security_model=none,readonly=on")
 	image=$(kernel_image "$tree")
 	case $arch in
 	x86)
@@ -305,8 +309,6 @@ boot() { # LABEL ARCH TREE INITRAMFS RUNDIR
 			-append "console=ttyAMA0 panic=-1 quiet loglevel=3 rdinit=/init")
 		share=$("$here/build-rootfs.sh" arm64)
 		python=/usr/bin/python3
-		repo_tag=repo
-		extra=(-virtfs "local,path=$root,mount_tag=repo,security_model=none,readonly=on")
 		;;
 	esac
 	command -v "$qemu" >/dev/null || die "$qemu not found: apt-get install qemu-system-${arch/x86/x86}"
