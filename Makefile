@@ -59,7 +59,7 @@ lint: build
 	scripts/lint.sh
 
 bench: build
-	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-only $(PYTEST_ARGS)
+	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-enable $(PYTEST_ARGS)
 
 arch-info:
 	@scripts/arch-info.sh
