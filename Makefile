@@ -51,6 +51,7 @@ $(PKG_BPF_OBJ): build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o
 
 build-all: $(STAMP)/deps
 	for arch in $(ARCHES); do $(MAKE) -C bpf TARGET_ARCH=$$arch || exit 1; done
+	scripts/check-bpf-objects.sh $(foreach arch,$(ARCHES),build/bpf/$(arch)/tcpconnect.bpf.o)
 
 clean:
 	rm -rf build $(VENV) $(PKG_BPF_OBJ) ext/*.c tcpmon/*.so *.egg-info .pytest_cache
