@@ -121,8 +121,7 @@ class BenchLib:
         u32, cp, vp = ctypes.c_uint32, ctypes.c_char_p, ctypes.c_void_p
         lib.bench_map_create.argtypes = [u32, cp, u32, u32, u32, cp]
         lib.bench_update_batch.argtypes = [ctypes.c_int, cp, cp, u32, u32, u32]
-        lib.bench_read_batch.argtypes = [ctypes.c_int, vp, vp, u32, u32, u32]
-        lib.bench_read_batch_calls.argtypes = [ctypes.c_int, vp, vp, u32, u32, u32]
+        lib.bench_read_batch.argtypes = [ctypes.c_int, vp, vp, u32, u32, u32, ctypes.POINTER(ctypes.c_int)]
         lib.bench_close.argtypes = [ctypes.c_int]
         self.lib = lib
 
@@ -158,15 +157,19 @@ class BatchFloor:
         self.values = ctypes.create_string_buffer(self.capacity * self.value_stride)
 
     def read(self):
+        return self._read(None)
+
+    def calls(self):
+        calls = ctypes.c_int(0)
+        self._read(ctypes.byref(calls))
+        return calls.value
+
+    def _read(self, calls):
         n = self.lib.bench_read_batch(self.fd, self.keys, self.values, self.capacity, self.key_size,
-                                      self.value_stride)
+                                      self.value_stride, calls)
         if n < 0:
             raise OSError(-n, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(-n)}")
         return n
-
-    def calls(self):
-        return self.lib.bench_read_batch_calls(self.fd, self.keys, self.values, self.capacity,
-                                               self.key_size, self.value_stride)
 
 
 # --- maps with the production layout -----------------------------------------------------------

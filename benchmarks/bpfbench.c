@@ -77,7 +77,7 @@ int bench_update_batch(int fd, const char *keys, const char *values, uint32_t co
 
 /* The floor: the same BPF_MAP_LOOKUP_BATCH loop as ext/_maps.pyx BpfMap._read_batch. */
 int bench_read_batch(int fd, char *keys, char *values, uint32_t capacity, uint32_t key_size,
-		     uint32_t value_stride)
+		     uint32_t value_stride, int *calls)
 {
 	union bpf_attr attr;
 	uint64_t token[8], next_token[8];
@@ -95,6 +95,8 @@ int bench_read_batch(int fd, char *keys, char *values, uint32_t capacity, uint32
 		attr.batch.values = (uint64_t)(uintptr_t)(values + (size_t)total * value_stride);
 		attr.batch.count = capacity - total;
 		ret = sys_bpf(BPF_MAP_LOOKUP_BATCH, &attr);
+		if (calls)
+			++*calls; /* how many bpf() calls one read needs, to explain where the time goes */
 		if (ret < 0 && errno != ENOENT)
 			return -errno;
 		total += attr.batch.count;
@@ -104,36 +106,4 @@ int bench_read_batch(int fd, char *keys, char *values, uint32_t capacity, uint32
 		first = 0;
 	}
 	return (int)total;
-}
-
-/* How many bpf() calls one batch read needs (to explain where the time goes). */
-int bench_read_batch_calls(int fd, char *keys, char *values, uint32_t capacity, uint32_t key_size,
-			   uint32_t value_stride)
-{
-	union bpf_attr attr;
-	uint64_t token[8], next_token[8];
-	uint32_t total = 0;
-	int first = 1, calls = 0;
-
-	while (total < capacity) {
-		long ret;
-
-		memset(&attr, 0, sizeof(attr));
-		attr.batch.map_fd = fd;
-		attr.batch.in_batch = first ? 0 : (uint64_t)(uintptr_t)token;
-		attr.batch.out_batch = (uint64_t)(uintptr_t)next_token;
-		attr.batch.keys = (uint64_t)(uintptr_t)(keys + (size_t)total * key_size);
-		attr.batch.values = (uint64_t)(uintptr_t)(values + (size_t)total * value_stride);
-		attr.batch.count = capacity - total;
-		ret = sys_bpf(BPF_MAP_LOOKUP_BATCH, &attr);
-		calls++;
-		if (ret < 0 && errno != ENOENT)
-			return -errno;
-		total += attr.batch.count;
-		if (ret < 0)
-			break;
-		memcpy(token, next_token, sizeof(token));
-		first = 0;
-	}
-	return calls;
 }
