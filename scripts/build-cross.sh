@@ -91,8 +91,9 @@ cp "$root/setup.py" "$src/"
 cp "$root"/ext/*.pyx "$root"/ext/*.pxd "$src/ext/"
 cp "$root"/bpf/*.c "$root"/bpf/*.h "$root/bpf/Makefile" "$src/bpf/"
 cp "$root"/tcpmon/*.py "$src/tcpmon/"
-make -s -C "$src/bpf" TARGET_ARCH="$arch" BUILD_DIR="$cache/bpf" >&2
-cp "$cache/bpf/$arch/tcpconnect.bpf.o" "$src/tcpmon/data/"
+# The object `make build-all` makes, built in place (its BTF line info names the source path).
+make -s -C "$root/bpf" TARGET_ARCH="$arch" >&2
+cp "$root/build/bpf/$arch/tcpconnect.bpf.o" "$src/tcpmon/data/"
 
 sysconfigdata=$(find "$sysroot/usr/lib/python3.11" -maxdepth 1 -name "_sysconfigdata__*${triplet}*.py" | head -1)
 [ -n "$sysconfigdata" ] || die "no _sysconfigdata for $triplet in the sysroot"
