@@ -30,7 +30,15 @@
 # 2 on a usage or setup error.
 set -euo pipefail
 
-root=$(cd "$(dirname "$0")/.." && pwd)
+# bash reads a script as it runs it: run from a copy so that editing this file
+# during a (13-minute) matrix cannot derail the run.
+if [ -z "${TCPMON_MATRIX_SELF:-}" ]; then
+	self=$(mktemp "${TMPDIR:-/tmp}/run-matrix.XXXXXX")
+	cp "$0" "$self"
+	TCPMON_MATRIX_SELF=$self TCPMON_MATRIX_ROOT=$(cd "$(dirname "$0")/.." && pwd) exec bash "$self" "$@"
+fi
+trap 'rm -f "$TCPMON_MATRIX_SELF"' EXIT
+root=$TCPMON_MATRIX_ROOT
 here=$root/kernels
 cache=${TCPMON_KERNEL_CACHE:-$root/.cache/kernels}
 modes="" bpf_object="" runs_dir=""
@@ -54,7 +62,7 @@ while [ $# -gt 0 ]; do
 	--runs) runs_dir=${2:?--runs needs a directory}; shift ;;
 	--output) output=${2:?--output needs a file}; shift ;;
 	--timeout) timeout=${2:?--timeout needs seconds}; shift ;;
-	-h | --help) sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
+	-h | --help) sed -n '2,/^set -euo/p' "$root/kernels/run-matrix.sh" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 0 ;;
 	*) die "unknown argument $1 (see --help)" ;;
 	esac
 	shift
@@ -78,7 +86,8 @@ while read -r label arch release package must flags; do
 	elif [ "$quick" -eq 1 ]; then
 		[[ ",$flags," == *",quick,"* ]] || continue
 	fi
-	entries+=("$label $arch $release $package $must")
+	[ "$must" != - ] || must=""   # "-": no mode has to work (the row documents what does not)
+	entries+=("$label $arch $release $package ${must:--}")
 done <"$here/matrix.conf"
 [ ${#entries[@]} -gt 0 ] || die "no matrix.conf entry matches ${only:+--only $only}${only:---quick}"
 if [ "$list" -eq 1 ]; then
@@ -343,6 +352,7 @@ runs=()
 started_all=$(date +%s)
 for entry in "${entries[@]}"; do
 	read -r label arch release package must <<<"$entry"
+	[ "$must" != - ] || must=""
 	suite=${release/#-/bookworm}
 	note "$label: $package ($suite, $arch)"
 	rundir=${runs_dir:-$cache/runs}/$label

@@ -7,14 +7,14 @@
 #   scripts/debian-apt.sh DEBARCH [--release SUITE] apt-get|apt-cache ARGS...
 #   scripts/debian-apt.sh DEBARCH update     # refresh the package lists now
 #
-# Suites: bookworm, bookworm-updates, bookworm-security, bookworm-backports and
-# trixie-backports.  --release makes SUITE's versions the candidates (for the
+# Suites: bookworm, bookworm-updates, bookworm-security, bookworm-backports,
+# trixie-backports and bullseye (Debian 11, for its 5.10 kernel).  --release makes SUITE's versions the candidates (for the
 # backports); without it the highest bookworm version wins.  Lists are refreshed
 # when older than a day unless TCPMON_APT_OFFLINE=1; a failed refresh falls back
 # to the lists already cached.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-SUITES=("bookworm" "bookworm-updates" "bookworm-security" "bookworm-backports" "trixie-backports")
+SUITES=("bookworm" "bookworm-updates" "bookworm-security" "bookworm-backports" "trixie-backports" "bullseye")
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 
 [ $# -ge 2 ] || { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//' >&2; exit 2; }
