@@ -20,8 +20,9 @@ site=usr/local/lib/python3.11/dist-packages
 PURE_DEPS=(prometheus_client gunicorn packaging)
 say() { echo "build-rootfs: $*" >&2; }
 
-# What the root depends on: the package's sources and the sysroot's package list.
-key=$(cd "$root" && cat setup.py ext/*.pyx ext/*.pxd bpf/*.c bpf/*.h tcpmon/*.py \
+# What the root depends on: the package's sources, these scripts and the sysroot's package list.
+key=$(cd "$root" && cat setup.py ext/*.pyx ext/*.pxd bpf/*.c bpf/*.h bpf/Makefile tcpmon/*.py \
+	scripts/build-cross.sh kernels/build-rootfs.sh \
 	"$root/.cache/cross/$arch/sysroot.done" 2>/dev/null | sha256sum | cut -d' ' -f1)
 if [ -f "$rootfs.key" ] && [ "$(cat "$rootfs.key")" = "$key" ] && [ -d "$rootfs/$site/tcpmon" ]; then
 	echo "$rootfs"
