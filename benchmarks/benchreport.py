@@ -364,16 +364,13 @@ ANALYSIS = {
 - Where tcpmon's own time goes (perf, cpu-clock sampling): the two hash lookups (`__htab_map_lookup_elem`,
   `htab_map_hash`), and the helper calls `bpf_get_current_comm` (with `sized_strscpy`) and
   `bpf_get_current_pid_tgid`.
-- **Proposed fix** (bpf/tcpconnect.bpf.c, `count_connect`; bpf/kernel_types.h): take tgid and comm from
-  `bpf_get_current_task_btf()` as plain BTF loads (`task->tgid`, the two u64 words of `task->comm`, the
-  bytes after the first NUL cleared with the has-zero-byte trick so the key equals what
-  bpf_get_current_comm's strscpy_pad gives) instead of the two helper calls, behind
+- **Applied** (bpf/tcpconnect.bpf.c `current_task`): tgid and comm come from `bpf_get_current_task_btf()`
+  as plain BTF loads (`task->tgid`, the two u64 words of `task->comm` with the bytes after the first NUL
+  cleared, so the key equals what bpf_get_current_comm gives) instead of the two helper calls, behind
   `bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)` (kernels >= 5.11; the
-  helpers otherwise); the verifier inlines bpf_get_current_task_btf. It verifies and loads in both tp_btf
-  and tracepoint mode on this kernel, and gives byte-identical comm keys (checked with ASCII, 8- and
-  15-byte, invalid-UTF-8 and multibyte comms). A prototype, measured against the current object in the
-  same runs: tp_btf 228 -> 202 ns and 222 -> 201 ns, tracepoint 226 -> 203 ns and 217 -> 196 ns per connect
-  (about -10%): with these figures the raw ratio goes from about 0.50 to about 0.45.""",
+  helpers otherwise). Measured as a prototype against the previous object in the same runs: about -10%
+  per connect (tp_btf 228 -> 202 ns, tracepoint 226 -> 203 ns), which moved the raw ratio from about
+  0.50-0.52 to the figures in the table.""",
     "connects/s": """### connects/s with vs without the probe
 
 - A refused loopback connect is two runs of the inet_sock_set_state hook (CLOSE→SYN_SENT, counted;
@@ -386,10 +383,9 @@ ANALYSIS = {
 - tcpmon's own body adds about 1-1.5% on top (about 150-200 ns per connect including the cache lines it
   evicts from the loop: two hash-map lookups, two atomic adds, the comm and pid helpers).
 - The method is checked in the same run by an empty program on a hook the loop never fires (must be 1.00).
-- **Proposed fix**: the probe-cost fix above (tgid and comm from the BTF task: about -20 to -25 ns per
-  connect, about +0.2% here) narrows the tp_btf gap but does not close it: what remains is the two
-  hash-map lookups and their cache lines, which I found no way to halve without changing the map ABI.
-  The hook's own cost is the kernel's.""",
+- The probe-cost change above (tgid and comm from the BTF task: about -20 to -25 ns per connect, about
+  +0.2% here) is applied; what remains is the two hash-map lookups and their cache lines, which cannot
+  be halved without changing the map ABI. The hook's own cost is the kernel's.""",
     "scrape 10k": """### Scrape vs the batch read floor at 10k
 
 Per scrape, beyond reading `connects` (the floor), the worker spends (in-process, min of 60, 10k
