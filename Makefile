@@ -12,7 +12,7 @@ STAMP := build/stamps
 PYTEST_ARGS ?=
 
 .DELETE_ON_ERROR:
-.PHONY: run test build bpf build-all arch-info lint bench test-kernels dev-setup deps install clean
+.PHONY: run test build bpf build-all build-cross arch-info lint bench test-kernels dev-setup deps install clean
 
 run: build
 	$(VENV)/bin/tcpmon run
@@ -64,6 +64,9 @@ bench: build
 
 arch-info:
 	@scripts/arch-info.sh
+
+build-cross: build
+	scripts/build-cross.sh arm64
 
 test-kernels: build
 	kernels/run-matrix.sh

@@ -179,7 +179,7 @@ step_prometheus() {
 }
 
 step_shell() {
-	shellcheck -x "$root"/scripts/*.sh || return 1
+	shellcheck -x "$root"/scripts/*.sh "$root"/kernels/*.sh "$root"/.ci/run || return 1
 }
 
 step_yaml() {
