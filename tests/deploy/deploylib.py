@@ -14,7 +14,7 @@ CHART = REPO / "charts" / "tcpmon"
 K8S_VERSION = "1.35.0"
 
 # What a lint run over a copy of the tree needs (tests break the copy, never the repo).
-DEPLOY_FILES = [".github", ".vscode", "charts", "configs", "deploy", "k8s", "scripts",
+DEPLOY_FILES = [".ci", ".github", ".vscode", "charts", "configs", "deploy", "k8s", "kernels", "scripts",
                 "Dockerfile", "Dockerfile.debug", "docker-compose.yml", ".hadolint.yaml", ".yamllint"]
 
 
