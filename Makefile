@@ -12,12 +12,13 @@ STAMP := build/stamps
 PYTEST_ARGS ?=
 
 .DELETE_ON_ERROR:
+.PRECIOUS: $(STAMP)/deps-%
 .PHONY: run test build bpf build-all build-cross arch-info lint bench test-kernels dev-setup deps install clean
 
 run: build
 	$(VENV)/bin/tcpmon run
 
-test: build
+test: build $(STAMP)/deps-test
 	scripts/lint.sh
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -25,50 +26,51 @@ build: $(STAMP)/venv $(PKG_BPF_OBJ)
 
 dev-setup: build
 
-deps: $(STAMP)/deps
+deps: $(STAMP)/deps-run $(STAMP)/deps-test
 
-$(STAMP)/deps: scripts/install-deps.sh scripts/apt-packages.txt
-	scripts/install-deps.sh
+# Debian packages by group (scripts/apt-packages.txt): run < test < cross.
+$(STAMP)/deps-%: scripts/install-deps.sh scripts/apt-packages.txt
+	scripts/install-deps.sh $*
 	@mkdir -p $(@D) && touch $@
 
 # The venv is rebuilt when a Python dependency, the build or the Cython code changes.
-$(STAMP)/venv: $(STAMP)/deps setup.py requirements-dev.txt $(wildcard ext/*.pyx ext/*.pxd) bpf/tcpmon.h
+$(STAMP)/venv: $(STAMP)/deps-run setup.py requirements-dev.txt $(wildcard ext/*.pyx ext/*.pxd) bpf/tcpmon.h
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@mkdir -p $(@D) && touch $@
 
-bpf: $(STAMP)/deps
+bpf: $(STAMP)/deps-run
 	$(MAKE) -C bpf TARGET_ARCH=$(TARGET_ARCH)
 
-build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o: $(BPF_SRC) $(STAMP)/deps
+build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o: $(BPF_SRC) $(STAMP)/deps-run
 	$(MAKE) -C bpf TARGET_ARCH=$(HOST_ARCH)
 
 $(PKG_BPF_OBJ): build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o
 	@mkdir -p $(@D)
 	cp $< $@
 
-build-all: $(STAMP)/deps
+build-all: $(STAMP)/deps-run
 	for arch in $(ARCHES); do $(MAKE) -C bpf TARGET_ARCH=$$arch || exit 1; done
 	scripts/check-bpf-objects.sh $(foreach arch,$(ARCHES),build/bpf/$(arch)/tcpconnect.bpf.o)
 
 clean:
 	rm -rf build $(VENV) $(PKG_BPF_OBJ) ext/*.c tcpmon/*.so *.egg-info .pytest_cache
 
-lint: build
+lint: build $(STAMP)/deps-test
 	scripts/lint.sh
 
-bench: build
+bench: build $(STAMP)/deps-test
 	$(PY) -m pytest benchmarks -p no:cacheprovider --benchmark-enable $(PYTEST_ARGS)
 
 arch-info:
 	@scripts/arch-info.sh
 
-build-cross: build
+build-cross: build $(STAMP)/deps-cross
 	scripts/build-cross.sh arm64
 
-test-kernels: build
+test-kernels: build $(STAMP)/deps-test $(STAMP)/deps-cross
 	kernels/run-matrix.sh
 
 install: build

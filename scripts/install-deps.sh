@@ -1,9 +1,25 @@
 #!/usr/bin/env bash
-# Installs the Debian packages listed in scripts/apt-packages.txt that are missing.
-# Runs apt-get only when something is missing, so a second run costs a second.
+# Installs the missing Debian packages of the given groups of scripts/apt-packages.txt
+# (run, test, cross; default: run).  Runs apt-get only when something is missing,
+# so a second run costs a second.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-mapfile -t wanted < <(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$here/apt-packages.txt")
+groups=("${@:-run}")
+wanted=()
+group=""
+while read -r line; do
+	line=${line%%#*}
+	line=${line//[[:space:]]/}
+	case $line in
+	"") ;;
+	\[*\]) group=${line:1:-1} ;;
+	*) [[ " ${groups[*]} " == *" $group "* ]] && wanted+=("$line") ;;
+	esac
+done <"$here/apt-packages.txt"
+for group in "${groups[@]}"; do
+	grep -qx "\[$group\]" "$here/apt-packages.txt" ||
+		{ echo "tcpmon: no package group '$group' in scripts/apt-packages.txt" >&2; exit 2; }
+done
 missing=()
 for pkg in "${wanted[@]}"; do
 	dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
