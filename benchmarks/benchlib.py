@@ -631,7 +631,7 @@ class ProbeToggle:
         from tcpmon import _libbpf
         self.program = probe.ATTACH_PROGRAMS[mode]
         self.obj = _libbpf.BpfObject(loader.default_object())
-        for program in list(probe.ATTACH_PROGRAMS.values()) + [probe.EXIT_PROGRAM]:
+        for program in probe.ALL_PROGRAMS:
             self.obj.set_autoload(program, program == self.program)
         self.obj.load()
         self.link = None

@@ -168,8 +168,7 @@ int connect_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 }
 
 /* The last thread of a process drops its PID, so a reused PID starts at zero. */
-SEC("tracepoint/sched/sched_process_exit")
-int process_exit(void *ctx)
+static __always_inline int drop_exited_process(void)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
 	__u32 tgid;
@@ -179,4 +178,19 @@ int process_exit(void *ctx)
 	tgid = bpf_get_current_pid_tgid() >> 32;
 	bpf_map_delete_elem(&connects, &tgid);
 	return 0;
+}
+
+/* With kprobe and tracepoint (perf-event links). */
+SEC("tracepoint/sched/sched_process_exit")
+int process_exit(void *ctx)
+{
+	return drop_exited_process();
+}
+
+/* With fentry and tp_btf: a raw-tracepoint link, which kernels pin from 5.7 on,
+ * where perf-event links need 5.15. */
+SEC("tp_btf/sched_process_exit")
+int BPF_PROG(process_exit_btf)
+{
+	return drop_exited_process();
 }

@@ -20,6 +20,7 @@ PROGRAMS=(
 	"tp_btf/inet_sock_set_state connect_tp_btf"
 	"tracepoint/sock/inet_sock_set_state connect_tp"
 	"tracepoint/sched/sched_process_exit process_exit"
+	"tp_btf/sched_process_exit process_exit_btf"
 )
 MAPS=(connects comm_totals update_failures)
 

@@ -94,20 +94,20 @@ def _why(mode, exc):
 
 
 def _attach(pins, mode, object_path, sizes, pin_links):
-    """Load the object with only `mode`'s connect program and the exit program, attach both, pin."""
+    """Load the object with only `mode`'s connect and exit programs, attach both, pin."""
+    program, exit_program = probe.ATTACH_PROGRAMS[mode], probe.EXIT_PROGRAMS[mode]
     with _libbpf.BpfObject(object_path) as obj:
-        for other_mode, program in probe.ATTACH_PROGRAMS.items():
-            obj.set_autoload(program, other_mode == mode)
+        for name in probe.ALL_PROGRAMS:
+            obj.set_autoload(name, name in (program, exit_program))
         for spec in probe.MAPS:
             obj.set_pin_path(spec.name, pins.map(spec))
         for name, size in sizes.items():
             obj.set_max_entries(name, size)
         obj.load()
-        program = probe.ATTACH_PROGRAMS[mode]
-        links = [obj.attach(program), obj.attach(probe.EXIT_PROGRAM)]
+        links = [obj.attach(program), obj.attach(exit_program)]
         pinned = []
         try:
-            for name, path in ((program, pins.connect_prog), (probe.EXIT_PROGRAM, pins.exit_prog)):
+            for name, path in ((program, pins.connect_prog), (exit_program, pins.exit_prog)):
                 obj.pin_program(name, path)
                 pinned.append(path)
             if pin_links:

@@ -18,7 +18,15 @@ ATTACH_PROGRAMS = {
     "tracepoint": "connect_tp",
 }
 ATTACH_MODES = tuple(ATTACH_PROGRAMS)
-EXIT_PROGRAM = "process_exit"
+# attach mode -> the exit hook loaded with it: the same kind of link, so a kernel
+# that can pin the connect link can pin this one too
+EXIT_PROGRAMS = {
+    "fentry": "process_exit_btf",
+    "kprobe": "process_exit",
+    "tp_btf": "process_exit_btf",
+    "tracepoint": "process_exit",
+}
+ALL_PROGRAMS = tuple(ATTACH_PROGRAMS.values()) + tuple(sorted(set(EXIT_PROGRAMS.values())))
 _MODE_OF_PROGRAM = {program: mode for mode, program in ATTACH_PROGRAMS.items()}
 
 
