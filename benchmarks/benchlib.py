@@ -578,24 +578,18 @@ class Bpftrace:
         return maps
 
 
-class NoopPrograms:
-    """benchmarks/noop.bpf.c's empty program for `mode` ("tp_btf", "tracepoint" or "idle"), loaded;
-    attach() / detach() at will; pinned at `pin_path` (if given) to read its run time like tcpmon's."""
-    PROGRAMS = {"tp_btf": "noop_tp_btf", "tracepoint": "noop_tp", "idle": "noop_idle"}
+class _OneProgram:
+    """One program of a BPF object loaded alone (the others' autoload off), attached and detached
+    at will without reloading."""
 
-    def __init__(self, object_path, mode, pin_path=None, attach=True):
+    def __init__(self, object_path, program, all_programs):
         from tcpmon import _libbpf
-        self.program = self.PROGRAMS[mode]
-        self.pin_path = str(pin_path) if pin_path else None
+        self.program = program
         self.obj = _libbpf.BpfObject(str(object_path))
-        for program in self.PROGRAMS.values():
-            self.obj.set_autoload(program, program == self.program)
+        for name in all_programs:
+            self.obj.set_autoload(name, name == program)
         self.obj.load()
         self.link = None
-        if attach:
-            self.attach()
-        if self.pin_path:
-            self.obj.pin_program(self.program, self.pin_path)
 
     def attach(self):
         self.link = self.obj.attach(self.program)
@@ -605,12 +599,29 @@ class NoopPrograms:
             self.link.destroy()
             self.link = None
 
+    def close(self):
+        self.detach()
+        self.obj.close()
+
+
+class NoopPrograms(_OneProgram):
+    """benchmarks/noop.bpf.c's empty program for `mode` ("tp_btf", "tracepoint" or "idle"), loaded;
+    attach() / detach() at will; pinned at `pin_path` (if given) to read its run time like tcpmon's."""
+    PROGRAMS = {"tp_btf": "noop_tp_btf", "tracepoint": "noop_tp", "idle": "noop_idle"}
+
+    def __init__(self, object_path, mode, pin_path=None, attach=True):
+        super().__init__(object_path, self.PROGRAMS[mode], self.PROGRAMS.values())
+        self.pin_path = str(pin_path) if pin_path else None
+        if attach:
+            self.attach()
+        if self.pin_path:
+            self.obj.pin_program(self.program, self.pin_path)
+
     def run_time_ns(self):
         return _maps.pinned_prog_info(self.pin_path)["run_time_ns"]
 
     def close(self):
-        self.detach()
-        self.obj.close()
+        super().close()
         if self.pin_path and os.path.exists(self.pin_path):
             os.unlink(self.pin_path)
 
@@ -623,30 +634,12 @@ def tcpmon_run_time_ns(pin_dir):
 
 # --- connect rate with the probe toggled under a running loop -------------------------------
 
-class ProbeToggle:
+class ProbeToggle(_OneProgram):
     """tcpmon's shipped BPF object loaded for `mode` (its connect program only: the exit hook does not
     run in a connect loop), attached and detached at will without reloading."""
 
     def __init__(self, mode):
-        from tcpmon import _libbpf
-        self.program = probe.ATTACH_PROGRAMS[mode]
-        self.obj = _libbpf.BpfObject(loader.default_object())
-        for program in probe.ALL_PROGRAMS:
-            self.obj.set_autoload(program, program == self.program)
-        self.obj.load()
-        self.link = None
-
-    def attach(self):
-        self.link = self.obj.attach(self.program)
-
-    def detach(self):
-        if self.link is not None:
-            self.link.destroy()
-            self.link = None
-
-    def close(self):
-        self.detach()
-        self.obj.close()
+        super().__init__(loader.default_object(), probe.ATTACH_PROGRAMS[mode], probe.ALL_PROGRAMS)
 
 
 def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):
