@@ -18,6 +18,7 @@ from tcpmon.errors import describe
 log = logging.getLogger("tcpmon.collector")
 
 _PER_CPU_COUNTER = struct.Struct("=Q")
+_SLOT = struct.Struct("=I")
 
 
 @dataclass(frozen=True)
@@ -115,19 +116,16 @@ class Collector:
             return None
 
     def _read_failures(self):
-        try:
-            bpf_map = self._map(probe.UPDATE_FAILURES)
-            bpf_map.read(self.read_mode)
-        except Exception as exc:
-            self._failed(probe.UPDATE_FAILURES, exc)
+        read = self._read_map(probe.UPDATE_FAILURES)
+        if read is None:
             return None
-        per_map = (probe.CONNECTS.name, probe.COMM_TOTALS.name)
-        values = bytes(bpf_map.values)
-        stride = bpf_map.value_stride
+        per_slot = (probe.CONNECTS.name, probe.COMM_TOTALS.name)
+        stride = len(read.values) // read.count if read.count else 0  # one u64 per possible CPU
         totals = {}
-        for slot in range(min(bpf_map.count, len(per_map))):
-            cpus = values[slot * stride:(slot + 1) * stride]
-            totals[per_map[slot]] = sum(n for (n,) in _PER_CPU_COUNTER.iter_unpack(cpus))
+        for i, (slot,) in enumerate(_SLOT.iter_unpack(read.keys)):
+            if slot < len(per_slot):
+                cpus = read.values[i * stride:(i + 1) * stride]
+                totals[per_slot[slot]] = sum(n for (n,) in _PER_CPU_COUNTER.iter_unpack(cpus))
         return totals
 
     def _failed(self, spec, exc):
