@@ -65,3 +65,24 @@ def test_counts_equal_bpftrace_on_the_same_hook(exporter):
         output, _ = tracer.communicate(timeout=30)
     assert f"@[{proc.pid}]: 9" in output, output
     assert ours == 9
+
+
+def test_a_full_map_shows_in_the_update_failures_metric(fresh_pin_dir):
+    from conftest import Exporter
+    from metrics import samples
+    from tcpmon import loader
+    loader.load(fresh_pin_dir, max_pids=1)
+    comm = unique_comm()
+    procs = [Connector(comm, opened=1) for _ in range(3)]
+    server = Exporter(fresh_pin_dir)
+    try:
+        text = server.scrape()
+        failures = samples(text, "tcpmon_map_update_failures_total")
+        # Other processes on the host may hit the full map too, so at least ours.
+        assert failures[frozenset({"map": "connects"}.items())] >= 2
+        assert failures[frozenset({"map": "comm_totals"}.items())] == 0
+        assert comm_total(text, comm.encode()) == 3
+    finally:
+        server.stop()
+        for proc in procs:
+            proc.close()
