@@ -2,19 +2,26 @@
 
 Routing is by the listening port (gunicorn's SERVER_PORT), so a scrape port
 never answers health paths and the reverse.  Every failure is a status with a
-one-line reason, never a traceback.
+one-line reason, never a traceback.  The map read, the rendering and gzip go
+through `offload` (the server's native threads); health never reads a map and
+never waits for a scrape.  With a web config, the metrics port also checks
+basic auth and adds its headers (`tcpmon.web`).
 """
+import dataclasses
+import gzip
 import json
 import logging
 import time
 from functools import partial
 
-from tcpmon import exposition
+from tcpmon import exposition, negotiation
+from tcpmon.collector import _run_here
 from tcpmon.errors import describe
 
 log = logging.getLogger("tcpmon.app")
 
 _METHODS = ("GET", "HEAD")
+_GZIP_LEVEL = 1   # what Prometheus' Go client uses: most of the saving for a fraction of the CPU
 
 
 def _reply(status, body, content_type="text/plain; charset=utf-8"):
@@ -23,11 +30,25 @@ def _reply(status, body, content_type="text/plain; charset=utf-8"):
     return status, [("Content-Type", content_type)], body
 
 
-def _metrics(collector, environ):
-    openmetrics = exposition.wants_openmetrics(environ.get("HTTP_ACCEPT"))
-    body = exposition.render(collector.snapshot(), openmetrics=openmetrics)
-    content_type = exposition.CONTENT_TYPE_OPENMETRICS if openmetrics else exposition.CONTENT_TYPE_TEXT
-    return _reply("200 OK", body, content_type)
+def encode(snapshot, openmetrics, compress, process_registry=None):
+    """The /metrics body of `snapshot`, gzipped when `compress`: the CPU-heavy part of a scrape."""
+    body = exposition.render(snapshot, openmetrics=openmetrics, process_registry=process_registry)
+    return gzip.compress(body, compresslevel=_GZIP_LEVEL, mtime=0) if compress else body
+
+
+def _metrics(collector, offload, per_worker, environ):
+    chosen = negotiation.choose_format(environ.get("HTTP_ACCEPT"))
+    compress = negotiation.wants_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
+    snapshot, registry = collector.snapshot(), None
+    if per_worker is not None:   # every worker's counters, labelled, instead of this one's
+        per_worker.publish(snapshot.read_errors)
+        snapshot, registry = dataclasses.replace(snapshot, read_errors=None), per_worker.registry
+    body = offload(encode, snapshot, chosen.openmetrics, compress, registry)
+    status, headers, body = _reply("200 OK", body, chosen.content_type)
+    headers.append(("Vary", "Accept, Accept-Encoding"))
+    if compress:
+        headers.append(("Content-Encoding", "gzip"))
+    return status, headers, body
 
 
 def _index(environ):
@@ -47,41 +68,65 @@ def _readiness(collector, environ):
 
 
 def _health(collector, environ):
-    problem = collector.readiness_problem()
-    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3)}
-    snapshot = collector.snapshot()
-    report["attach_mode"] = snapshot.probe_state.mode if snapshot.probe_state else None
-    report["map_entries"] = snapshot.connects.count if snapshot.connects else None
-    report["reason"] = problem
-    report["last_error"] = snapshot.last_error
+    """The probe's pins and the last scrape's outcome: never a map read, never a wait on a scrape."""
+    problem, state = collector.readiness()
+    last = collector.last_scrape()
+    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3),
+              "attach_mode": state.mode if state.attached else None,
+              "map_entries": last.map_entries if last else None,
+              "reason": problem,
+              "last_error": last.last_error if last else None,
+              "last_scrape_ok": last.ok if last else None,
+              "last_scrape_age_seconds": round(last.age, 3) if last else None}
     status = "200 OK" if problem is None else "503 Service Unavailable"
     return _reply(status, json.dumps(report) + "\n", "application/json")
 
 
-def make_app(collector, metrics_port=None, health_port=None):
-    """The WSGI callable.  With equal (or unknown) ports every path is served on every port."""
-    metrics_routes = {"/metrics": partial(_metrics, collector), "/": _index}
+def _unauthorized():
+    status, headers, body = _reply("401 Unauthorized", "Unauthorized\n")
+    return status, headers + [("WWW-Authenticate", "Basic")], body
+
+
+def make_app(collector, metrics_port=None, health_port=None, offload=_run_here, web=None, per_worker=None):
+    """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
+    `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
+    `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
+    metrics_routes = {"/metrics": partial(_metrics, collector, offload, per_worker), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector),
                      "/health": partial(_health, collector)}
     all_routes = {**metrics_routes, **health_routes}
+    same_port = metrics_port is None or metrics_port == health_port
 
     def routes_for(environ):
-        if metrics_port is None or metrics_port == health_port:
+        if same_port:
             return all_routes
-        port = environ.get("SERVER_PORT")
-        return health_routes if port == str(health_port) else metrics_routes
+        return health_routes if environ.get("SERVER_PORT") == str(health_port) else metrics_routes
+
+    def guard(environ, routes):
+        """(refusal or None, extra headers) from the web config, for the metrics port only."""
+        if web is None or (not same_port and routes is health_routes):
+            return None, []
+        config = web.config
+        extra = list(config.headers.items())
+        if not web.allow_request():
+            return _reply("429 Too Many Requests", "Too Many Requests\n"), extra
+        if config.users and not web.authorized(environ.get("HTTP_AUTHORIZATION")):
+            return _unauthorized(), extra
+        return None, extra
 
     def app(environ, start_response):
         routes = routes_for(environ)
         path = environ.get("PATH_INFO") or "/"
         method = environ.get("REQUEST_METHOD", "GET")
         handler = routes.get(path)
-        extra = []
-        if handler is None:
+        refusal, extra = guard(environ, routes)
+        if refusal:
+            status, headers, body = refusal
+        elif handler is None:
             status, headers, body = _reply("404 Not Found", f"{path} not found here: try {', '.join(routes)}\n")
         elif method not in _METHODS:
             status, headers, body = _reply("405 Method Not Allowed", f"{method} {path}: use GET\n")
-            extra = [("Allow", ", ".join(_METHODS))]
+            extra.append(("Allow", ", ".join(_METHODS)))
         else:
             try:
                 status, headers, body = handler(environ)

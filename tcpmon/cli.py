@@ -11,6 +11,8 @@ import struct
 import sys
 
 from tcpmon import __version__, probe
+from tcpmon import serve_options
+from tcpmon.serve_options import split_addr
 from tcpmon.errors import TcpmonError, describe
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -19,13 +21,67 @@ _PID_ENTRY = struct.Struct("=Q16s")
 
 
 def _env(flag):
-    return "TCPMON_" + flag.lstrip("-").upper().replace("-", "_")
+    return "TCPMON_" + flag.lstrip("-").upper().replace("-", "_").replace(".", "_")
 
 
-def _positive_int(text):
-    if not text.isdigit() or int(text) <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
-    return int(text)
+def _ascii_digits(text):
+    return text.isascii() and text.isdigit()
+
+
+def _whole_number(low, high):
+    """An argparse type: an ASCII whole number from `low` to `high` ('²' and '٣' are not)."""
+    def whole_number(text):
+        if not _ascii_digits(text) or not low <= int(text) <= high:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number from {low} to {high}")
+        return int(text)
+    return whole_number
+
+
+_positive_int = _whole_number(1, 2 ** 31 - 1)
+_MAP_SIZE = _whole_number(1, 1 << 22)      # pid_max can be at most 2^22
+
+
+def _seconds(low, high):
+    def seconds(text):
+        whole, dot, fraction = text.partition(".")
+        if not (_ascii_digits(whole) and (not dot or _ascii_digits(fraction))) or not low <= float(text) <= high:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds from {low} to {high}")
+        return float(text)
+    return seconds
+
+
+def _address(text):
+    """HOST:PORT with a port from 1 to 65535."""
+    try:
+        split_addr(text, "")
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not HOST:PORT with a port from 1 to 65535 "
+                                         "(e.g. 0.0.0.0:9090)") from None
+    return text
+
+
+def _pin_dir(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give the bpffs directory (default /sys/fs/bpf/tcpmon)")
+    return text
+
+
+def _path(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a file")
+    return text
+
+
+def _web_config(text):
+    """A web config file that loads (exporter-toolkit's format), else one line naming the key."""
+    from tcpmon import web
+    if not text.strip():
+        raise argparse.ArgumentTypeError("is empty: give a web config file")
+    try:
+        web.load(text)
+    except web.WebConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _option(parser, flag, default, help, **kwargs):
@@ -51,6 +107,10 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.env_twins = []
 
+    def error(self, message):
+        """One line and exit 2: the error, not the usage (`--help` shows that)."""
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
     def parse_known_args(self, args=None, namespace=None):
         namespace, rest = super().parse_known_args(args, namespace)
         for action, env, default in self.env_twins:
@@ -68,7 +128,7 @@ class _Parser(argparse.ArgumentParser):
             self.error(f"{env}='{text}' is not a switch: use 1 or 0")
         try:
             value = action.type(text) if action.type else text
-        except argparse.ArgumentTypeError as exc:
+        except (argparse.ArgumentTypeError, ValueError) as exc:
             self.error(f"{env}: {exc}")
         if action.choices and value not in action.choices:
             self.error(f"{env}='{text}' is not one of {', '.join(map(str, action.choices))}")
@@ -76,26 +136,40 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser):
-    _option(parser, "--pin-dir", probe.DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
+    _option(parser, "--pin-dir", probe.DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links",
+            type=_pin_dir)
     _option(parser, "--log-level", "info", "log verbosity", choices=_LOG_LEVELS)
 
 
 def _load_options(parser):
     _option(parser, "--attach", "auto", "connect hook; auto tries fentry, kprobe, tp_btf, tracepoint in order",
             choices=("auto",) + probe.ATTACH_MODES)
-    _option(parser, "--bpf-object", None, "BPF object to load (default: the one shipped in the package)")
+    _option(parser, "--bpf-object", None, "BPF object to load (default: the one shipped in the package)",
+            type=_path)
     _option(parser, "--max-pids", None, "capacity of the per-PID map (processes with connects alive at once)",
-            type=_positive_int)
-    _option(parser, "--max-comms", None, "capacity of the per-comm totals map", type=_positive_int)
+            type=_MAP_SIZE)
+    _option(parser, "--max-comms", None, "capacity of the per-comm totals map", type=_MAP_SIZE)
 
 
 def _serve_options(parser):
-    _option(parser, "--metrics-addr", "0.0.0.0:9090", "HOST:PORT serving /metrics")
-    _option(parser, "--health-addr", "0.0.0.0:8080", "HOST:PORT serving /liveness, /readiness, /health")
-    _option(parser, "--workers", 1, "gunicorn worker processes", type=_positive_int)
-    _option(parser, "--threads", 8, "threads per worker", type=_positive_int)
+    _option(parser, "--metrics-addr", "0.0.0.0:9090", "HOST:PORT serving /metrics", type=_address)
+    _option(parser, "--health-addr", "0.0.0.0:8080", "HOST:PORT serving /liveness, /readiness, /health",
+            type=_address)
+    _option(parser, "--workers", 1, "gunicorn worker processes (each its own event loop and map reader)",
+            type=_whole_number(1, 64))
+    _option(parser, "--threads", serve_options.THREADS, "native threads per worker for map reads, rendering and gzip",
+            type=_whole_number(1, 64))
     _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
             choices=_READ_MODES)
+    _option(parser, "--read-timeout", serve_options.READ_TIMEOUT, "seconds a connection has, from its accept or its "
+            "last response, to send a whole request (and its TLS handshake); then it is closed",
+            type=_seconds(0.1, 3600))
+    _option(parser, "--max-connections", serve_options.MAX_CONNECTIONS, "connections each port of a worker holds at "
+            "once; more are closed as they arrive", type=_whole_number(1, 1 << 20))
+    _option(parser, "--web.config.file", None, "exporter-toolkit web config (TLS, basic auth, headers) for the "
+            "metrics port, re-read when it or a certificate changes and on SIGHUP", type=_web_config,
+            dest="web_config_file")
+    _switch(parser, "--health-tls", "serve the health port with the web config's TLS too (no basic auth)")
 
 
 def build_parser():
@@ -221,7 +295,9 @@ def cmd_dump(args):
 def cmd_serve(args):
     from tcpmon.server import Exporter
     Exporter(args.pin_dir, args.metrics_addr, args.health_addr, workers=args.workers,
-             threads=args.threads, log_level=args.log_level, read_mode=args.read_mode).run()
+             threads=args.threads, log_level=args.log_level, read_mode=args.read_mode,
+             read_timeout=args.read_timeout, max_connections=args.max_connections,
+             web_config_file=args.web_config_file, health_tls=args.health_tls).run()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 One Collector per worker process.  Concurrent scrapes share one read, a
 failing map read degrades only its own families (and is counted), and a map
-replaced by unload + load is reopened on the next scrape.
+replaced by unload + load is reopened on the next scrape.  The read itself runs
+through `offload` (the server's native threads), and health asks only for what
+is cheap: the probe's pins and the last scrape's outcome, never a map read.
 """
 import logging
 import os
@@ -42,10 +44,25 @@ class Snapshot:
     last_error: str = None
 
 
+@dataclass(frozen=True)
+class ScrapeStatus:
+    """What /health reports of the last scrape: no map is read for it."""
+    ok: bool              # every map was read
+    age: float            # seconds since it finished
+    map_entries: int = None
+    last_error: str = None
+
+
+def _run_here(fn, *args):
+    return fn(*args)
+
+
 class Collector:
-    def __init__(self, pin_dir=probe.DEFAULT_PIN_DIR, read_mode="auto"):
+    def __init__(self, pin_dir=probe.DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here):
         self.pins = probe.Pins(pin_dir)
         self.read_mode = read_mode
+        self._offload = offload
+        self._finished = None     # time.monotonic() when _latest was read
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
         self._last_error = None
@@ -63,25 +80,45 @@ class Collector:
             self._reading = True
         snapshot = None
         try:
-            snapshot = self._read()
+            snapshot = self._offload(self._read)
         finally:
             with self._cond:
                 self._reading = False
                 self._latest = snapshot or Snapshot(last_error="read failed")
+                self._finished = time.monotonic()
                 self._cond.notify_all()
         return snapshot
 
-    def readiness_problem(self):
-        """Why the exporter is not ready (no probe attached, map missing or wrong), or None."""
+    def read_errors(self):
+        """{map name: failed reads by this process}."""
+        return dict(self._read_errors)
+
+    def last_scrape(self):
+        """The last finished scrape's ScrapeStatus, or None before the first; never waits."""
+        latest, finished = self._latest, self._finished
+        if latest is None or finished is None:
+            return None
+        ok = latest.connects is not None and latest.comm_totals is not None and latest.update_failures is not None
+        return ScrapeStatus(ok=ok, age=time.monotonic() - finished,
+                            map_entries=latest.connects.count if latest.connects else None,
+                            last_error=latest.last_error)
+
+    def readiness(self):
+        """(why the exporter is not ready or None, the ProbeState): pins and map layout only."""
         state = probe.inspect(self.pins)
         if not state.attached:
-            return state.problem
+            return state.problem, state
         try:
             # A map of its own: the scrape thread may be reading (or reopening) the cached one.
+            # Opening checks type, key and value size; nothing is read.
             probe.open_map(self.pins, probe.CONNECTS).close()
         except Exception as exc:
-            return describe(exc)
-        return None
+            return describe(exc), state
+        return None, state
+
+    def readiness_problem(self):
+        """Why the exporter is not ready (no probe attached, map missing or wrong), or None."""
+        return self.readiness()[0]
 
     def close(self):
         for bpf_map, _ in self._open.values():

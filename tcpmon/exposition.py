@@ -9,11 +9,12 @@ from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics_format
 
-from tcpmon import __version__, probe
+from tcpmon import __version__, negotiation, probe
 from tcpmon._render import render_comm_series, render_pid_series
 
-CONTENT_TYPE_TEXT = text_format.CONTENT_TYPE_LATEST
-CONTENT_TYPE_OPENMETRICS = openmetrics_format.CONTENT_TYPE_LATEST
+# Not prometheus-client's CONTENT_TYPE_LATEST: that became text 1.0.0 in 0.22, the body is 0.0.4.
+CONTENT_TYPE_TEXT = negotiation.CONTENT_TYPE_TEXT
+CONTENT_TYPE_OPENMETRICS = negotiation.openmetrics_type()
 _EOF = b"# EOF\n"
 
 PID_FAMILY = "tcp_connects_by_pid"
@@ -28,16 +29,17 @@ GCCollector(registry=_PROCESS_REGISTRY)
 
 
 def wants_openmetrics(accept_header):
-    return "application/openmetrics-text" in (accept_header or "")
+    return negotiation.choose_format(accept_header).openmetrics
 
 
-def render(snapshot, openmetrics=False):
-    """The whole /metrics body for one snapshot."""
+def render(snapshot, openmetrics=False, process_registry=None):
+    """The whole /metrics body for one snapshot.  `process_registry` replaces this process's own
+    metrics (tcpmon.workers: every worker's, labelled)."""
     generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_SnapshotFamilies(snapshot))
     parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
-             generate(registry), generate(_PROCESS_REGISTRY)]
+             generate(registry), generate(process_registry or _PROCESS_REGISTRY)]
     body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
     return body + _EOF if openmetrics else body
 
@@ -98,6 +100,8 @@ class _SnapshotFamilies:
         for name, count in (snap.update_failures or {}).items():
             failures.add_metric([name], count)
         yield failures
+        if snap.read_errors is None:
+            return   # per worker, from tcpmon.workers
         errors = CounterMetricFamily("tcpmon_map_read_errors", "Failed reads of a pinned map by this worker",
                                      labels=["map"])
         for spec in probe.MAPS:

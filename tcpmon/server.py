@@ -1,31 +1,50 @@
-"""gunicorn runs the exporter: gthread workers, each with its own Collector.
+"""gunicorn runs the exporter: gevent workers, each with its own Collector.
 
-The health port gets threads of its own, so clients that are slow, silent or
-hostile on the metrics port can never starve the kubelet's probes; a request
-that stalls half-read gives its thread back after READ_TIMEOUT seconds.
+A connection is a greenlet, so one that is idle, half-sent or trickling costs a
+few kilobytes and no thread.  Each port of a worker holds at most
+`max_connections` of them; one more is closed as it arrives.  A connection must
+deliver a complete request (and its TLS handshake) within `read_timeout`
+seconds of its accept or of its previous response, or it is closed.  The map
+read, rendering, gzip and bcrypt run in native threads (the Cython reader and
+renderer release the GIL), so the event loop keeps serving health meanwhile.
+docs/ARCHITECTURE.md says why this design.
 """
 import logging
+import math
+import resource
+import signal
 import socket
-import struct
-from concurrent.futures import ThreadPoolExecutor
+import time
+from functools import partial
 
+import gevent
+from gevent.pool import Group
+from gevent.server import StreamServer
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.arbiter import Arbiter
+from gunicorn.workers.base_async import AsyncWorker
+from gunicorn.workers.ggevent import GeventWorker
 
+from tcpmon import web
 from tcpmon.app import make_app
 from tcpmon.collector import Collector
+from tcpmon.serve_options import MAX_CONNECTIONS, READ_TIMEOUT, THREADS, split_addr
+from tcpmon.workers import PerWorker, WorkerSlots
 
-READ_TIMEOUT = 10
-HEALTH_THREADS = 2
+log = logging.getLogger("tcpmon.server")
+
+REFUSAL_LOG_INTERVAL = 10.0
+RELOAD_POLL = 1.0           # seconds between checks of the web config's files
+_TLS_HANDSHAKE = 0x16       # first byte of a TLS record that starts a handshake
+_PLAIN_HTTP_ON_TLS = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                      b"Connection: close\r\n\r\nClient sent an HTTP request to an HTTPS server.\n")
 
 _SETTINGS = {
-    "keepalive": 5,
     "timeout": 30,
     "graceful_timeout": 10,
     "limit_request_line": 2048,
     "limit_request_fields": 32,
     "limit_request_field_size": 4096,
-    "worker_connections": 256,
     "worker_tmp_dir": "/dev/shm",   # works with a read-only root filesystem
     "proc_name": "tcpmon",
     "accesslog": None,
@@ -34,68 +53,199 @@ _SETTINGS = {
 }
 
 
-def split_addr(addr, flag):
-    """'0.0.0.0:9090' or '[::]:9090' -> ('0.0.0.0', 9090); a clear error for anything else."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"{flag} '{addr}' is not HOST:PORT (e.g. 0.0.0.0:9090)")
-    return host.strip("[]") or "0.0.0.0", int(port)
+def raise_fd_limit():
+    """Soft RLIMIT_NOFILE up to the hard one (what Go does at start): each connection is an fd."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
 
 
-class _PoolPerPort:
-    """What gthread calls its thread pool: one pool for the health port, one for the rest."""
+class ConnectionCap:
+    """StreamServer's spawn for one port: at most `limit` connections at once; one past it is
+    closed as it arrives (and counted, logged at most every REFUSAL_LOG_INTERVAL seconds)."""
 
-    def __init__(self, health_port, threads):
-        self.health_port = health_port
-        self.health = ThreadPoolExecutor(HEALTH_THREADS, thread_name_prefix="health")
-        self.metrics = ThreadPoolExecutor(threads, thread_name_prefix="metrics")
+    def __init__(self, port, limit):
+        self.port, self.limit = port, limit
+        self.group = Group()
+        self.refused = 0
+        self._unlogged, self._logged_at = 0, 0.0
 
-    def submit(self, handle, conn, *args):
-        # A blocking recv on this socket now fails after READ_TIMEOUT instead of waiting forever.
-        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", READ_TIMEOUT, 0))
-        pool = self.health if conn.server[1] == self.health_port else self.metrics
-        return pool.submit(handle, conn, *args)
+    def __call__(self, run, handle, close, args):
+        if len(self.group) >= self.limit:
+            close(*args)
+            self._refuse()
+            return None
+        return self.group.spawn(run, handle, close, args)
 
-    def shutdown(self, wait=True, **kwargs):
-        self.health.shutdown(wait=wait, **kwargs)
-        self.metrics.shutdown(wait=wait, **kwargs)
+    def _refuse(self):
+        self.refused += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= REFUSAL_LOG_INTERVAL:
+            log.warning("closed %d new connections on port %d: it holds %d, the limit (--max-connections)",
+                        self._unlogged, self.port, self.limit)
+            self._unlogged, self._logged_at = 0, now
 
 
-class _StalledClientFilter(logging.Filter):
-    """A request that hit READ_TIMEOUT half-read is the client's doing: one line, no traceback."""
+class _ClientTroubleFilter(logging.Filter):
+    """A client that stops reading our response is the client's doing: one line, no traceback."""
 
     def filter(self, record):
-        if record.exc_info and isinstance(record.exc_info[1], BlockingIOError):
-            record.msg, record.args, record.exc_info = (
-                f"closed a connection that sent no complete request within {READ_TIMEOUT}s", (), None)
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        if record.exc_info and isinstance(record.exc_info[1], TimeoutError):
+            record.msg, record.args, record.exc_info = "closed a connection that stopped reading", (), None
+            record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 
 
-class ExporterWorker(ThreadWorker):
-    health_port = None  # set on the subclass Exporter makes
+class ExporterWorker(GeventWorker):
+    """gunicorn's gevent worker with a capped StreamServer per port, TLS on the ports that have it,
+    and the request-read bound on the first request as on every later one."""
+    exporter = None  # the Exporter, set on the subclass it makes
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # In the arbiter, before the fork: which shared slot this worker's counters go to.
+        slots = self.exporter.slots
+        self.slot_index = slots.reserve(self) if slots is not None else None
 
     def init_process(self):
-        self.log.error_log.addFilter(_StalledClientFilter())
+        self.exporter.slot_index = self.slot_index
+        self.log.error_log.addFilter(_ClientTroubleFilter())
+        self.connections = {}     # greenlet -> [socket, busy]
         super().init_process()
 
-    def get_thread_pool(self):
-        return _PoolPerPort(self.health_port, self.cfg.threads)
+    def init_signals(self):
+        super().init_signals()
+        signal.signal(signal.SIGHUP, lambda sig, frame: gevent.spawn(self.exporter.reload_web, "SIGHUP"))
+
+    def timeout_ctx(self):
+        return gevent.Timeout(self.exporter.read_timeout, False)
+
+    def handle_request(self, listener_name, req, sock, addr):
+        state = self.connections.get(gevent.getcurrent())
+        if state:
+            state[1] = True
+        try:
+            return super().handle_request(listener_name, req, sock, addr)
+        finally:
+            if state:
+                state[1] = False
+
+    def serve_connection(self, listener, tls, client, addr):
+        """One connection, in its own greenlet: TLS handshake if the port has TLS, then HTTP/1.1."""
+        me = gevent.getcurrent()
+        client.settimeout(self.exporter.read_timeout)  # every recv and send is bounded too
+        self.connections[me] = [client, False]
+        try:
+            if tls is not None:
+                client = self._handshake(tls, client, addr)
+                if client is None:
+                    return
+                self.connections[me][0] = client
+            AsyncWorker.handle(self, listener, client, addr)
+        finally:
+            self.connections.pop(me, None)
+
+    def _handshake(self, tls, client, addr):
+        """The TLS socket, or None (after answering plain HTTP as Go's servers do) when the client
+        sent no valid handshake within the read timeout."""
+        with gevent.Timeout(self.exporter.read_timeout, False):
+            try:
+                first = client.recv(1, socket.MSG_PEEK)
+                if not first:
+                    return None
+                if first[0] != _TLS_HANDSHAKE:
+                    client.sendall(_PLAIN_HTTP_ON_TLS)
+                    return None
+                return tls.handshake(client)
+            except (OSError, web.WebConfigError) as exc:
+                self.log.debug("TLS handshake from %s failed: %s", addr, exc)
+                return None
+        self.log.debug("TLS handshake from %s timed out", addr)
+        return None
+
+    def run(self):
+        exporter = self.exporter
+        caps, servers = [], []
+        for listener in self.sockets:
+            port = listener.getsockname()[1]
+            cap = ConnectionCap(port, exporter.max_connections)
+            server = StreamServer(listener, handle=partial(self.serve_connection, listener, exporter.tls_for(port)),
+                                  spawn=cap)
+            if self.cfg.workers > 1:
+                server.max_accept = 1
+            server.start()
+            caps.append(cap)
+            servers.append(server)
+        watcher = gevent.spawn(exporter.watch_web)
+        while self.alive:
+            self.notify()
+            exporter.publish()
+            gevent.sleep(1.0)
+        watcher.kill(block=False)
+        self._drain(servers, caps)
+
+    def _drain(self, servers, caps):
+        """Stop accepting, close idle connections now, give busy ones graceful_timeout."""
+        for server in servers:
+            server.close()
+        for sock, busy in list(self.connections.values()):
+            if not busy:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)   # its pending read ends: the greenlet closes it
+                except OSError:
+                    pass
+        deadline = time.monotonic() + self.cfg.graceful_timeout
+        while any(len(cap.group) for cap in caps) and time.monotonic() < deadline:
+            self.notify()
+            gevent.sleep(0.1)
+        for cap in caps:
+            cap.group.kill(block=True, timeout=1)
+
+
+class _Arbiter(Arbiter):
+    """SIGHUP re-reads the web config in the workers instead of restarting them."""
+
+    def handle_hup(self):
+        self.log.info("SIGHUP: re-reading the web config")
+        self.kill_workers(signal.SIGHUP)
 
 
 class Exporter(BaseApplication):
-    def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=8,
-                 log_level="info", read_mode="auto"):
+    def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=THREADS,
+                 log_level="info", read_mode="auto", read_timeout=READ_TIMEOUT,
+                 max_connections=MAX_CONNECTIONS, web_config_file=None, health_tls=False):
         self.pin_dir = pin_dir
         self.read_mode = read_mode
+        self.threads = threads
+        self.read_timeout = read_timeout
+        self.max_connections = max_connections
         self.metrics_port = split_addr(metrics_addr, "--metrics-addr")[1]
         self.health_port = split_addr(health_addr, "--health-addr")[1]
+        self.web_config_file = web_config_file
+        self.health_tls = health_tls
+        if web_config_file:
+            web.load(web_config_file)   # refused here, before any port is bound, when invalid
+        self.web = None
+        self.slots = WorkerSlots(workers) if workers > 1 else None
+        self.slot_index = None      # set in each worker after the fork
+        self.collector = self.per_worker = None
         same_port = self.metrics_port == self.health_port
-        worker = type("ExporterWorker", (ExporterWorker,), {"health_port": None if same_port else self.health_port})
+        worker = type("ExporterWorker", (ExporterWorker,), {"exporter": self})
         binds = [metrics_addr] if same_port else [metrics_addr, health_addr]
-        self.options = dict(_SETTINGS, bind=binds, workers=workers, threads=threads, loglevel=log_level,
-                            worker_class=worker)
+        self.options = dict(_SETTINGS, bind=binds, workers=workers, loglevel=log_level, worker_class=worker,
+                            keepalive=max(1, math.ceil(read_timeout)), worker_connections=max_connections)
+        raise_fd_limit()
         super().__init__()
+
+    def run(self):
+        try:
+            _Arbiter(self).run()
+        except RuntimeError as exc:
+            raise SystemExit(f"tcpmon: {exc}") from None
 
     def load_config(self):
         for key, value in self.options.items():
@@ -103,6 +253,43 @@ class Exporter(BaseApplication):
                 self.cfg.set(key, value)
 
     def load(self):
-        # Runs in each worker after fork: map fds are never shared between workers.
-        collector = Collector(self.pin_dir, read_mode=self.read_mode)
-        return make_app(collector, self.metrics_port, self.health_port)
+        # Runs in each worker after fork (and gevent's patching): map fds are never shared.
+        from gevent.threadpool import ThreadPool
+        pool = ThreadPool(self.threads)
+
+        def offload(fn, *args):
+            return pool.apply(fn, args)
+
+        if self.web_config_file:
+            self.web = web.WebState(self.web_config_file, run_bcrypt=ThreadPool(1).apply)
+        if self.slots is not None:
+            self.per_worker = PerWorker(self.slots, self.slot_index)
+        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload)
+        return make_app(self.collector, self.metrics_port, self.health_port, offload=offload, web=self.web,
+                        per_worker=self.per_worker)
+
+    def publish(self):
+        """This worker's counters into its slot (with --workers > 1), for the others' scrapes."""
+        if self.per_worker is not None and self.collector is not None:
+            self.per_worker.publish(self.collector.read_errors())
+
+    def tls_for(self, port):
+        """The WebState that does this port's TLS, or None for plain HTTP."""
+        if self.web is None or not self.web.tls_enabled:
+            return None
+        if port == self.metrics_port or self.health_tls:
+            return self.web
+        return None
+
+    def reload_web(self, why):
+        if self.web is not None:
+            self.web.reload(why)
+
+    def watch_web(self):
+        """Re-reads the web config when it or a file it names changes (certificates rotate)."""
+        if self.web is None:
+            return
+        while True:
+            gevent.sleep(RELOAD_POLL)
+            if self.web.changed():
+                self.web.reload("a file changed")
