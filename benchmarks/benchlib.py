@@ -213,6 +213,37 @@ def create_production_maps(lib, pin_dir, n_pids, *, max_pids=_maps.DEFAULT_MAX_P
             lib.close(fd)
 
 
+def open_pinned_rw(path):
+    """A read-write fd of a pinned map (BPF_OBJ_GET without BPF_F_RDONLY); close it with os.close."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    cpath = ctypes.create_string_buffer(os.fsencode(str(path)))
+    attr = _ObjAttr(pathname=ctypes.addressof(cpath), file_flags=0)
+    fd = libc.syscall(_SYS_BPF[platform.machine()], BPF_OBJ_GET, ctypes.byref(attr), ctypes.sizeof(attr))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"BPF_OBJ_GET {path}: {os.strerror(err)}")
+    return fd
+
+
+def fill_loaded_probe(lib, pin_dir, n_pids, pid_base=32769, n_comms=100):
+    """`n_pids` synthetic PIDs (from `pid_base`, above pid_max: never a live process, so the exit hook
+    never drops them) written into the connects map of the probe loaded under `pin_dir`, by one
+    BPF_MAP_UPDATE_BATCH.  Returns {pid: (comm, connects)}."""
+    keys = struct.pack(f"={n_pids}I", *range(pid_base, pid_base + n_pids))
+    values = bytearray(n_pids * PID_VALUE.size)
+    expected = {}
+    for i in range(n_pids):
+        comm, connects = synthetic_comm(i % n_comms), 1 + i % 5
+        PID_VALUE.pack_into(values, i * PID_VALUE.size, connects, comm)
+        expected[pid_base + i] = (comm.decode(), connects)
+    fd = open_pinned_rw(probe.Pins(pin_dir).map(probe.CONNECTS))
+    try:
+        assert lib.update_batch(fd, keys, bytes(values), n_pids, 4, PID_VALUE.size) == n_pids
+    finally:
+        os.close(fd)
+    return expected
+
+
 def remove_pin_dir(pin_dir):
     """Unpin everything tcpmon pins there (links first), then anything else, then the dir."""
     try:

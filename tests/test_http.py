@@ -23,7 +23,8 @@ from tcpmon import loader, probe
 
 CAP_BPF = 39
 HEALTH_PATHS = ("/liveness", "/readiness", "/health")
-HEALTH_KEYS = {"ready", "alive", "timestamp", "attach_mode", "map_entries", "reason", "last_error"}
+HEALTH_KEYS = {"ready", "alive", "timestamp", "attach_mode", "map_entries", "reason", "last_error",
+               "last_scrape_ok", "last_scrape_age_seconds"}
 CAP_BPF_ONLY = ["setpriv", "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--"]
 NO_CAPS = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
 
@@ -150,6 +151,7 @@ def bpftool_mode(pin_dir):
 
 def test_health_has_exactly_the_documented_keys(exporter, pin_dir):
     with Connector(unique_comm(), opened=1):
+        text = exporter.scrape()
         before = time.time()
         status, headers, body = http_get(exporter.health + "/health")
         after = time.time()
@@ -159,8 +161,12 @@ def test_health_has_exactly_the_documented_keys(exporter, pin_dir):
     assert report["ready"] is True and report["alive"] is True
     assert isinstance(report["timestamp"], float) and before - 0.01 <= report["timestamp"] <= after + 0.01
     assert report["attach_mode"] == bpftool_mode(pin_dir)
+    # map_entries is the last scrape's (the session exporter may have served another scrape since)
     assert type(report["map_entries"]) is int and report["map_entries"] >= 1
     assert report["reason"] is None and report["last_error"] is None
+    assert report["last_scrape_ok"] is True
+    assert isinstance(report["last_scrape_age_seconds"], float) and report["last_scrape_age_seconds"] >= 0
+    assert samples(text, "tcpmon_map_entries")[frozenset({"map": "connects"}.items())] >= 1
     status, _, body = http_get(exporter.health + "/readiness")
     assert (status, body) == (200, b"ready\n")
 
@@ -179,9 +185,13 @@ def test_readiness_follows_load_and_unload(fresh_pin_dir):
         assert report["ready"] is False and report["alive"] is True
         assert report["reason"] == reason[len("not ready: "):].rstrip("\n")
         assert report["attach_mode"] is None and report["map_entries"] is None
-        assert isinstance(report["last_error"], str) and "tcpmon load" in report["last_error"]
+        # health never reads a map: before the first scrape there is no last scrape to report
+        assert report["last_error"] is None and report["last_scrape_ok"] is None
+        assert report["last_scrape_age_seconds"] is None
         text = server.scrape()
         assert probe_attached(text) == (frozenset({"mode": "none"}.items()), 0)
+        report = json.loads(http_get(server.health + "/health")[2])
+        assert report["last_scrape_ok"] is False and "tcpmon load" in report["last_error"]
         assert http_get(server.health + "/liveness")[0] == 200
 
         # loaded: ready, and counting exactly
@@ -193,7 +203,9 @@ def test_readiness_follows_load_and_unload(fresh_pin_dir):
             assert pid_value(text, proc.pid, proc.comm) == 5 == proc.active_opens
         assert probe_attached(text) == (frozenset({"mode": result.mode}.items()), 1)
         status, _, body = http_get(server.health + "/health")
-        assert status == 200 and json.loads(body)["ready"] is True
+        report = json.loads(body)
+        assert status == 200 and report["ready"] is True and report["last_scrape_ok"] is True
+        assert report["map_entries"] == samples(text, "tcpmon_map_entries")[frozenset({"map": "connects"}.items())]
 
         # unloaded: not ready again, /metrics still served and counting its failed reads
         loader.unload(fresh_pin_dir)
@@ -206,6 +218,7 @@ def test_readiness_follows_load_and_unload(fresh_pin_dir):
         assert samples(second, "tcp_connects_by_pid") == {}
         report = json.loads(http_get(server.health + "/health")[2])
         assert report["ready"] is False and report["map_entries"] is None and report["last_error"]
+        assert report["last_scrape_ok"] is False
     finally:
         assert server.stop() == 0
 
@@ -258,8 +271,9 @@ def open_slowloris(port):
     ("connected and silent", 50, open_silent),
     ("slowloris: partial request line", 20, open_slowloris)])
 def test_health_answers_quickly_while_clients_hold_the_metrics_port(spare_exporter, kind, count, opener):
-    """server.py promises slow or idle clients can't hold a thread; both ports share the worker's
-    threads, so if they could, a kubelet probing /readiness would give up on a healthy exporter."""
+    """server.py promises slow or idle clients cost no thread; both ports share the worker's event
+    loop, so if they could block it, a kubelet probing /readiness would give up on a healthy exporter.
+    (tests/test_hostile.py holds 500 of each kind on both ports for a minute.)"""
     with ExitStack() as stack:
         for _ in range(count):
             stack.enter_context(opener(spare_exporter.metrics_port))
