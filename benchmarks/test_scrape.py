@@ -3,8 +3,10 @@
 live-N: the real probe under a private pin dir counts N live processes (procfarm hold, each with one
 connect); map-N: maps with the production layout filled with N synthetic PIDs (100k > pid_max here).
 """
+import os
 import re
 import secrets
+import subprocess
 import time
 from dataclasses import dataclass
 
@@ -181,3 +183,129 @@ def test_worker_rss(scrape_env, benchmark, results):
     if benchmark.enabled:
         results.put(("rss", "tcpmon", env.kind, env.size), ours)
         results.put(("rss", "old_agent", env.kind, env.size), theirs)
+
+
+# --- serving: scrapes under hostile connections, gzip --------------------------------------------
+
+ATTACK = {False: {"size": 1000, "per_port": 40, "rounds": 3, "settle": 1.0},
+          True: {"size": 10000, "per_port": 500, "rounds": 300, "settle": 3.0}}
+GZIP_SIZES = {False: (1000, 2000), True: (10000, 100000)}
+GZIP_ROUNDS = {False: 2, True: 50}
+
+
+class LoadedMap:
+    """The real probe under a private pin dir, its connects map holding `n` synthetic PIDs, and an
+    exporter serving it."""
+
+    def __init__(self, lib, n, tag):
+        self.pin_dir = f"{benchlib.PIN_PREFIX}{tag}{n}"
+        benchlib.remove_pin_dir(self.pin_dir)
+        loader.load(self.pin_dir, max_pids=benchlib.max_pids_for(n))
+        try:
+            self.expected = benchlib.fill_loaded_probe(lib, self.pin_dir, n)
+            self.exporter = benchlib.tests_helpers().Exporter(self.pin_dir)
+        except BaseException:
+            benchlib.remove_pin_dir(self.pin_dir)
+            raise
+        self.worker = benchlib.children(self.exporter.proc.pid)[0]
+
+    def close(self):
+        self.exporter.stop()
+        benchlib.remove_pin_dir(self.pin_dir)
+
+
+def _quantile(values, q):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _scrape_times(scrape, rounds):
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        body = scrape()
+        times.append(time.perf_counter() - started)
+    return times, body
+
+
+def test_scrape_under_hostile_connections(lib, full, results):
+    """p50 and p99 of kept-alive scrapes of a 10k map while tests/tools/hostile.py holds 500
+    connections on each port (idle, partial line, partial headers, a body a byte a second), ÷ the
+    same without them: the rounds without run before and after the attack."""
+    case = ATTACK[full]
+    env = LoadedMap(lib, case["size"], "attack")
+    scrape = Scraper(env.exporter.metrics_port, timeout=30)
+    attacker = None
+    try:
+        half = max(1, case["rounds"] // 2)
+        quiet, body = _scrape_times(scrape, half)
+        assert len(PID_SERIES.findall(body)) >= case["size"]
+        hostile = benchlib.ROOT / "tests" / "tools" / "hostile.py"
+        seconds = 3600 if full else 30
+        attacker = subprocess.Popen([benchlib.PYTHON, str(hostile), "--ports", str(env.exporter.metrics_port),
+                                     str(env.exporter.health_port), "--count", str(case["per_port"]),
+                                     "--seconds", str(seconds)], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True)
+        time.sleep(case["settle"])
+        held = len(os.listdir(f"/proc/{env.worker}/fd"))
+        attacked, body = _scrape_times(scrape, case["rounds"])
+        assert len(PID_SERIES.findall(body)) >= case["size"]
+        assert attacker.poll() is None, attacker.stderr.read()
+        benchlib.stop(attacker)
+        attacker = None
+        time.sleep(case["settle"])
+        after, _ = _scrape_times(scrape, half)
+        quiet += after
+    finally:
+        if attacker is not None:
+            benchlib.stop(attacker)
+        scrape.close()
+        env.close()
+    assert held >= 2 * case["per_port"] * 0.9, f"the worker held only {held} fds: the attack did not reach it"
+    if full:
+        results.put(("attack", case["size"]), {
+            "p50": (_quantile(attacked, 0.5), _quantile(quiet, 0.5)),
+            "p99": (_quantile(attacked, 0.99), _quantile(quiet, 0.99)),
+            "connections": 2 * case["per_port"], "rounds": (len(attacked), len(quiet))})
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.parametrize("size_index", [0, 1], ids=["small", "large"])
+def test_scrape_gzip(lib, full, results, size_index):
+    """Bytes on the wire and the worker's CPU time per scrape, with Accept-Encoding: gzip and
+    without, alternating rounds over one kept-alive connection each."""
+    import gzip
+    import http.client
+    n = GZIP_SIZES[full][size_index]
+    env = LoadedMap(lib, n, "gzip")
+    conns = {coded: http.client.HTTPConnection("127.0.0.1", env.exporter.metrics_port, timeout=60)
+             for coded in (False, True)}
+    cpu = {False: 0.0, True: 0.0}
+    sizes = {}
+    try:
+        for _ in range(GZIP_ROUNDS[full]):
+            for coded, conn in conns.items():
+                before = _cpu_seconds(env.worker)
+                conn.request("GET", "/metrics", headers={"Accept-Encoding": "gzip"} if coded else {})
+                response = conn.getresponse()
+                body = response.read()
+                cpu[coded] += _cpu_seconds(env.worker) - before
+                assert response.status == 200
+                assert (response.getheader("Content-Encoding") == "gzip") == coded
+                text = gzip.decompress(body) if coded else body
+                assert len(PID_SERIES.findall(text)) >= n
+                sizes[coded] = len(body)
+    finally:
+        for conn in conns.values():
+            conn.close()
+        env.close()
+    assert sizes[True] < sizes[False] / 3, sizes
+    if full:
+        rounds = GZIP_ROUNDS[full]
+        results.put(("gzip", n), {"bytes": (sizes[True], sizes[False]),
+                                  "cpu": (cpu[True] / rounds, cpu[False] / rounds)})
