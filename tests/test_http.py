@@ -412,3 +412,93 @@ def test_dump_without_any_capability_or_pin_access_fails_in_one_line(pin_dir):
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("tcpmon: "), result.stderr
     assert pin_dir in result.stderr
     assert "CAP_BPF" in result.stderr or "file mode" in result.stderr, result.stderr
+
+
+# --- bounded time and a bounded number of connections ---------------------------------------------
+
+def _closed_within(sock, limit, keep_sending=None):
+    """Seconds until the server closed `sock` (EOF or reset), or None if still open after `limit`;
+    `keep_sending` (bytes) goes out every 0.2 s meanwhile, as a trickling client would."""
+    started = time.monotonic()
+    sock.settimeout(0.2)
+    while time.monotonic() - started < limit:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - started
+        except socket.timeout:
+            pass
+        except (ConnectionResetError, BrokenPipeError):
+            return time.monotonic() - started
+        if keep_sending:
+            try:
+                sock.sendall(keep_sending)
+            except (ConnectionResetError, BrokenPipeError):
+                return time.monotonic() - started
+    return None
+
+
+HOSTILE_OPENINGS = {
+    "silent": (b"", None),
+    "partial request line": (b"GET /metr", None),
+    "partial headers": (b"GET /metrics HTTP/1.1\r\nHost: t\r\n", None),
+    "a header a byte at a time": (b"GET /metrics HTTP/1.1\r\nX-Slow: ", b"a"),
+    "a body a byte at a time": (b"POST /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n", b"x"),
+}
+
+
+@pytest.fixture(scope="module")
+def quick_timeout_exporter(pin_dir):
+    server = Exporter(pin_dir, "--read-timeout", "1")
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("kind", HOSTILE_OPENINGS)
+@pytest.mark.parametrize("port_name", ["metrics", "health"])
+def test_a_connection_without_a_whole_request_is_closed_after_the_read_timeout(quick_timeout_exporter, kind,
+                                                                                 port_name):
+    opening, trickle = HOSTILE_OPENINGS[kind]
+    server = quick_timeout_exporter
+    port = server.metrics_port if port_name == "metrics" else server.health_port
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(opening)
+        closed = _closed_within(sock, 10, keep_sending=trickle)
+    assert closed is not None, f"{kind}: still open 10 s after --read-timeout 1"
+    assert closed >= 0.5, f"{kind}: closed after {closed:.2f} s, before the read timeout"
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_read_timeout(quick_timeout_exporter):
+    with open_idle_keepalive(quick_timeout_exporter.metrics_port) as sock:
+        assert _closed_within(sock, 10) is not None
+
+
+def test_the_default_read_timeout_lets_a_slow_request_finish(exporter):
+    """The control: at the default 10 s a request sent over 2 s is answered, not cut off."""
+    with socket.create_connection(("127.0.0.1", exporter.health_port), timeout=10) as sock:
+        for piece in (b"GET /liv", b"eness HTTP/1.1\r\n", b"Host: t\r\n", b"\r\n"):
+            sock.sendall(piece)
+            time.sleep(0.5)
+        head, body = read_response(sock)
+    assert head.startswith(b"HTTP/1.1 200") and body == b"alive\n"
+
+
+def test_connections_past_the_cap_are_closed_at_once_and_health_keeps_its_own(pin_dir):
+    server = Exporter(pin_dir, "--max-connections", "5")
+    try:
+        with ExitStack() as stack:
+            held = [stack.enter_context(open_silent(server.metrics_port)) for _ in range(5)]
+            time.sleep(0.3)
+            extra = stack.enter_context(open_silent(server.metrics_port))
+            closed = _closed_within(extra, 5)
+            assert closed is not None, "the sixth connection was kept waiting"
+            # the health port has slots of its own
+            assert http_get(server.health + "/readiness", timeout=5)[0] == 200
+            for sock in held:
+                sock.close()
+            time.sleep(0.3)
+            assert server.scrape()   # slots free again: served
+    finally:
+        assert server.stop() == 0
+    log = server.proc.stdout.read()
+    assert re.search(r"closed \d+ new connections on port %d: it holds 5" % server.metrics_port, log), log
+    assert "Traceback" not in log
