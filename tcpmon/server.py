@@ -158,7 +158,7 @@ class ExporterWorker(GeventWorker):
                 if not first:
                     return None
                 if first[0] != _TLS_HANDSHAKE:
-                    client.sendall(_PLAIN_HTTP_ON_TLS)
+                    self._refuse_plain_http(client)
                     return None
                 return tls.handshake(client)
             except (OSError, web.WebConfigError) as exc:
@@ -166,6 +166,20 @@ class ExporterWorker(GeventWorker):
                 return None
         self.log.debug("TLS handshake from %s timed out", addr)
         return None
+
+    @staticmethod
+    def _refuse_plain_http(client):
+        """Go's answer, then close the way Go does: write side first, then a short drain, so the
+        unread request does not turn the close into a reset that loses the answer."""
+        client.sendall(_PLAIN_HTTP_ON_TLS)
+        client.shutdown(socket.SHUT_WR)
+        client.settimeout(0.5)
+        try:
+            for _ in range(16):
+                if not client.recv(4096):
+                    break
+        except OSError:
+            pass
 
     def run(self):
         exporter = self.exporter

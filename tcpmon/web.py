@@ -345,8 +345,8 @@ def tls_context(config):
         try:
             context.load_cert_chain(cert, key)
         except (OSError, ssl.SSLError) as exc:
-            files = " and ".join(f for f in (tls.cert_file, tls.key_file) if f) or "cert and key"
-            raise WebConfigError(f"{where}: cannot load the certificate and key ({files}): "
+            files = " and ".join(f for f in (tls.cert_file, tls.key_file) if f) or "inline"
+            raise WebConfigError(f"{where}.cert_file and key_file: cannot load them ({files}): "
                                  f"{getattr(exc, 'reason', None) or exc.strerror or exc}") from None
     finally:
         for fd in fds:

@@ -112,7 +112,13 @@ class Exporter:
              "--health-addr", f"127.0.0.1:{self.health_port}", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, **(env or {})}, cwd=ROOT)
+        # with the health port on TLS, a worker that is up answers plain HTTP there with a 400
+        self._alive = (200, 400) if "--health-tls" in extra or (env or {}).get("TCPMON_HEALTH_TLS") == "1" else (200,)
         self._wait_alive()
+
+    def worker_pids(self):
+        with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children") as f:
+            return [int(pid) for pid in f.read().split()]
 
     def _wait_alive(self, timeout=20):
         deadline = time.monotonic() + timeout
@@ -120,7 +126,7 @@ class Exporter:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"exporter exited: {self.proc.stdout.read()}")
             try:
-                if http_get(self.health + "/liveness", timeout=1)[0] == 200:
+                if http_get(self.health + "/liveness", timeout=1)[0] in self._alive:
                     return
             except OSError:
                 time.sleep(0.1)
