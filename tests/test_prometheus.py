@@ -23,14 +23,15 @@ pytestmark = pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK),
 
 
 class Prometheus:
-    def __init__(self, target, workdir):
+    def __init__(self, target, workdir, **scrape):
+        """`scrape`: more of the job's scrape config (scheme, tls_config, basic_auth ...)."""
         self.job = f"tcpmon-test-{secrets.token_hex(3)}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "prometheus.yml"
         config.write_text(json.dumps({  # YAML is a superset of JSON
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": [target]}]}]}))
+            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": [target]}], **scrape}]}))
         self.log = open(workdir / "prometheus.log", "w+")
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -134,3 +135,36 @@ def test_the_scrape_target_is_healthy(prometheus):
     assert len(targets) == 1 and targets[0]["health"] == "up" and targets[0]["lastError"] == "", targets
     samples = prometheus.query(f'scrape_samples_post_metric_relabeling{{job="{prometheus.job}"}}')
     assert samples and int(samples[0]["value"][1]) > 0
+
+
+def test_prometheus_scrapes_through_tls_and_basic_auth(pin_dir, tmp_path):
+    """tcpmon serving a web config (TLS + basic auth) to Prometheus' own tls_config and basic_auth."""
+    import bcrypt
+    import yaml
+    from certs import CA
+    from conftest import Exporter
+    ca = CA()
+    cert, key = ca.issue("tcpmon")
+    for name, data in (("ca.pem", ca.pem), ("tls.crt", cert), ("tls.key", key)):
+        (tmp_path / name).write_bytes(data)
+    password = secrets.token_hex(8)
+    web = tmp_path / "web.yml"
+    web.write_text(yaml.safe_dump({
+        "tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"},
+        "basic_auth_users": {"prometheus": bcrypt.hashpw(password.encode(), bcrypt.gensalt(6)).decode()}}))
+    exporter = Exporter(pin_dir, "--web.config.file", str(web))
+    server = None
+    try:
+        server = Prometheus(f"127.0.0.1:{exporter.metrics_port}", tmp_path, scheme="https",
+                            tls_config={"ca_file": str(tmp_path / "ca.pem")},
+                            basic_auth={"username": "prometheus", "password": password})
+        with Connector(unique_comm(), opened=3, refused=2) as proc:
+            label = comm_label(proc.comm)
+            result = server.wait_for(f'tcp_connects_by_pid{{comm={promql_string(label)}}}')
+            assert [(r["metric"]["pid"], r["value"][1]) for r in result] == [(str(proc.pid), "5")]
+        up = server.wait_for(f'up{{job="{server.job}"}} == 1')
+        assert [sample["value"][1] for sample in up] == ["1"]
+    finally:
+        if server is not None:
+            assert server.stop() == 0, server.logs()
+        exporter.stop()
