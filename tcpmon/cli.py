@@ -31,7 +31,7 @@ def _ascii_digits(text):
 def _whole_number(low, high):
     """An argparse type: an ASCII whole number from `low` to `high` ('²' and '٣' are not)."""
     def whole_number(text):
-        if not _ascii_digits(text) or not low <= int(text) <= high:
+        if not _ascii_digits(text) or len(text) > len(str(high)) + 8 or not low <= int(text) <= high:
             raise argparse.ArgumentTypeError(f"'{text}' is not a whole number from {low} to {high}")
         return int(text)
     return whole_number
@@ -44,7 +44,8 @@ _MAP_SIZE = _whole_number(1, 1 << 22)      # pid_max can be at most 2^22
 def _seconds(low, high):
     def seconds(text):
         whole, dot, fraction = text.partition(".")
-        if not (_ascii_digits(whole) and (not dot or _ascii_digits(fraction))) or not low <= float(text) <= high:
+        if not (_ascii_digits(whole) and (not dot or _ascii_digits(fraction))) or len(text) > 32 \
+                or not low <= float(text) <= high:
             raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds from {low} to {high}")
         return float(text)
     return seconds
