@@ -1,8 +1,11 @@
 """Which exposition format and content coding a scrape gets, from its Accept and Accept-Encoding.
 
-Accept is read as client_python's choose_encoder reads it (OpenMetrics when asked for, text 0.0.4
-otherwise), with the q-values a Prometheus server sends honoured: the most preferred type tcpmon
-can serve wins, ties go to the one listed first.  The content types are spelled out here rather
+Accept is read as client_python's choose_encoder reads it (OpenMetrics 1.0.0 when asked for, text
+0.0.4 otherwise), with the q-values a Prometheus server sends honoured as client_golang does: the
+most preferred type tcpmon can serve wins; at equal q a named type beats a wildcard, then the one
+listed first does (so "text/plain, application/openmetrics-text" is text, where client_python,
+which never takes text/plain 0.0.4 as a choice, would serve OpenMetrics).  OpenMetrics 0.0.1, which
+Prometheus 2 asks for second, gets the 1.0.0 body (valid 0.0.1 too) under its own version.  The content types are spelled out here rather
 than taken from prometheus-client, whose CONTENT_TYPE_LATEST became text 1.0.0 in 0.22 although
 the body tcpmon serves is 0.0.4.
 """
@@ -45,7 +48,8 @@ def _entries(header):
             q = 0.0
         if q > 0:          # NaN is not > 0: dropped too
             entries.append((q, position, kind, values))
-    entries.sort(key=lambda entry: (-entry[0], entry[1]))
+    # as Go's goautoneg (client_golang) sorts: by q, then a named type before a wildcard, then order
+    entries.sort(key=lambda entry: (-entry[0], entry[2].count("*"), entry[1]))
     return entries
 
 
