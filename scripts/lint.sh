@@ -124,7 +124,9 @@ step_chart() {
 	render default || return 1
 	render monitoring --set serviceMonitor.enabled=true,prometheusRule.enabled=true || return 1
 	render unload --set unload=true || return 1
-	kube_validate "$scratch/default.yaml" "$scratch/monitoring.yaml" "$scratch/unload.yaml" \
+	render web --set exporter.webConfig.enabled=true,exporter.webConfig.healthTLS=true \
+		--set serviceMonitor.enabled=true,serviceMonitor.scheme=https || return 1
+	kube_validate "$scratch/default.yaml" "$scratch/monitoring.yaml" "$scratch/unload.yaml" "$scratch/web.yaml" \
 		"$root/k8s/debug-daemonset.yaml" || return 1
 	rules_of "$scratch/monitoring.yaml" "$scratch/rules.yml" || return 1
 	promtool check rules "$scratch/rules.yml" >/dev/null || {

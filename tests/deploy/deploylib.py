@@ -32,10 +32,12 @@ def run_lint(*steps, root=None, **env):
                           capture_output=True, text=True, timeout=600)
 
 
-def helm_template(helm, *sets, check=True):
-    """The chart rendered with `--set` arguments: (list of objects, CompletedProcess)."""
+def helm_template(helm, *sets, check=True, values_file=None):
+    """The chart rendered with `--set` arguments (and a values file): (list of objects, CompletedProcess)."""
     import yaml
     args = [helm, "template", "tcpmon", str(CHART), "--namespace", "monitoring", "--kube-version", K8S_VERSION]
+    if values_file:
+        args += ["--values", str(values_file)]
     for value in sets:
         args += ["--set", value]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)

@@ -202,3 +202,82 @@ def test_debug_daemonset_keeps_the_split(lint_tools):
     assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
     assert {p["containerPort"] for p in main["ports"]} == {5678, 9090, 8080}
     assert "unload" in main["lifecycle"]["preStop"]["exec"]["command"]
+
+
+# --- TLS and basic auth: the web config Secret and the ServiceMonitor --------------------------
+
+def _web_values(tmp_path, **web):
+    import sys
+
+    import bcrypt
+    import yaml
+    sys.path.insert(0, str(REPO / "tests"))
+    from certs import CA
+    ca = CA()
+    cert, key = ca.issue("tcpmon")
+    values = {"exporter": {"webConfig": {
+        "enabled": True,
+        "config": {"tls_server_config": {"cert_file": "tls.crt", "key_file": "tls.key"},
+                   "basic_auth_users": {"prometheus": bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()}},
+        "files": {"tls.crt": cert.decode(), "tls.key": key.decode()}, **web}},
+        "serviceMonitor": {"enabled": True, "scheme": "https",
+                           "tlsConfig": {"ca": {"secret": {"name": "tcpmon-ca", "key": "ca.crt"}}},
+                           "basicAuth": {"username": {"name": "scrape", "key": "username"},
+                                         "password": {"name": "scrape", "key": "password"}}}}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_the_web_config_secret_is_mounted_read_only_and_loads(helm, tmp_path):
+    from tcpmon import web
+    docs = helm_template(helm, values_file=_web_values(tmp_path))[0]
+    secret = _one(docs, "Secret")
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (exporter,) = pod["containers"]
+    assert _env(exporter)["TCPMON_WEB_CONFIG_FILE"] == "/etc/tcpmon/web/web.yml"
+    assert _env(exporter)["TCPMON_HEALTH_TLS"] == "0"
+    assert {"name": "web-config", "mountPath": "/etc/tcpmon/web", "readOnly": True} in exporter["volumeMounts"]
+    volume = next(v for v in pod["volumes"] if v["name"] == "web-config")
+    assert volume["secret"] == {"secretName": secret["metadata"]["name"], "defaultMode": 0o400}
+    assert "web-config" not in {m["name"] for m in pod["initContainers"][0]["volumeMounts"]}
+    for probe_name in ("livenessProbe", "readinessProbe"):
+        assert exporter[probe_name]["httpGet"]["scheme"] == "HTTP"
+    for name, content in secret["stringData"].items():   # what the kubelet would mount
+        (tmp_path / name).write_text(content)
+    config = web.load(str(tmp_path / "web.yml"))
+    assert config.tls.enabled and set(config.users) == {"prometheus"}
+
+
+def test_health_tls_switches_the_probes_to_https(helm, tmp_path):
+    docs = helm_template(helm, values_file=_web_values(tmp_path, healthTLS=True))[0]
+    (exporter,) = _one(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert _env(exporter)["TCPMON_HEALTH_TLS"] == "1"
+    for probe_name in ("livenessProbe", "readinessProbe"):
+        assert exporter[probe_name]["httpGet"]["scheme"] == "HTTPS"
+
+
+def test_an_existing_secret_is_used_as_it_is(helm, tmp_path):
+    docs = helm_template(helm, "exporter.webConfig.existingSecret=my-web", values_file=_web_values(tmp_path))[0]
+    assert "Secret" not in _by_kind(docs)
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert next(v for v in pod["volumes"] if v["name"] == "web-config")["secret"]["secretName"] == "my-web"
+
+
+def test_the_service_monitor_scrapes_with_tls_and_basic_auth(helm, tmp_path):
+    docs = helm_template(helm, values_file=_web_values(tmp_path))[0]
+    (endpoint,) = _one(docs, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["tlsConfig"] == {"ca": {"secret": {"name": "tcpmon-ca", "key": "ca.crt"}}}
+    assert endpoint["basicAuth"]["password"] == {"name": "scrape", "key": "password"}
+    plain = helm_template(helm, "serviceMonitor.enabled=true")[0]
+    (endpoint,) = _one(plain, "ServiceMonitor")["spec"]["endpoints"]
+    assert endpoint["scheme"] == "http" and "tlsConfig" not in endpoint and "basicAuth" not in endpoint
+
+
+@pytest.mark.parametrize("bad", ["exporter.webConfig.config.tls_config.x=1", "exporter.webConfig.bogus=1",
+                                 "serviceMonitor.scheme=ftp", "exporter.maxConnections=0",
+                                 "exporter.readTimeout=0"])
+def test_schema_rejects_bad_serving_values(helm, bad):
+    result = helm_template(helm, bad, check=False)[1]
+    assert result.returncode != 0, f"helm accepted --set {bad}"
