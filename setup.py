@@ -35,8 +35,11 @@ setup(
     packages=["tcpmon"],
     package_data={"tcpmon": ["data/*.bpf.o"]},
     ext_modules=cythonize(extensions, language_level=3),
-    install_requires=["prometheus-client>=0.17", "gunicorn>=23,<28"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "pyroute2"]},
+    # gevent: the gunicorn worker (a greenlet per connection); bcrypt, PyYAML: the web config
+    # (packaging: gunicorn's gevent worker imports it to check the gevent version)
+    install_requires=["prometheus-client>=0.17", "gunicorn>=23,<28", "gevent>=24.10.1", "packaging", "bcrypt>=4.0",
+                      "PyYAML>=6.0"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "hypothesis", "pyroute2", "cryptography>=41"]},
     entry_points={"console_scripts": ["tcpmon=tcpmon.cli:main"]},
     cmdclass={"build_py": BuildWithBpfObject},
     zip_safe=False,

@@ -129,7 +129,7 @@ def test_installed_units_verify_against_the_installed_layout(staged, tmp_path):
     shutil.copytree(staged, root, symlinks=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
-    for tool in ("/usr/bin/chgrp", "/usr/bin/chmod"):
+    for tool in ("/usr/bin/chgrp", "/usr/bin/chmod", "/usr/bin/kill"):
         shutil.copy2(tool, root / tool.lstrip("/"))
     result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "tcpmon-load.service", "tcpmon.service"],
                             capture_output=True, text=True)
@@ -273,3 +273,48 @@ def test_unprivileged_exporter_serves_under_the_units_restrictions(staged, share
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_unprivileged_exporter_serves_tls_from_a_web_config_under_the_units_restrictions(staged, shared_pins):
+    """As the unit runs it, with TCPMON_WEB_CONFIG_FILE naming a config beside its certificate (a
+    stand-in for /etc/tcpmon, readable by the exporter's group)."""
+    import ssl
+
+    import yaml
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from certs import CA
+    pin_dir, view, share = shared_pins
+    share()
+    ca = CA()
+    cert, key = ca.issue("tcpmon")
+    etc = Path(tempfile.mkdtemp(prefix="tcpmon-etc-"))   # pytest's tmp_path is under a 0700 directory
+    for name, data in (("tls.crt", cert), ("tls.key", key)):
+        (etc / name).write_bytes(data)
+    (etc / "web.yml").write_text(yaml.safe_dump({"tls_server_config": {"cert_file": "tls.crt",
+                                                                        "key_file": "tls.key"}}))
+    for path in [etc, *etc.iterdir()]:
+        os.chown(path, 0, 65534)
+        os.chmod(path, 0o750 if path.is_dir() else 0o640)
+    metrics, health = _free_port(), _free_port()
+    command = _as_tcpmon_service(staged, pin_dir, view, "serve", "--metrics-addr", f"127.0.0.1:{metrics}",
+                                 "--health-addr", f"127.0.0.1:{health}")
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TCPMON_WEB_CONFIG_FILE": str(etc / "web.yml")})
+    context = ssl.create_default_context(cadata=ca.pem.decode())
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{metrics}/metrics", timeout=2,
+                                            context=context) as reply:
+                    body = reply.read().decode()
+                    break
+            except (urllib.error.URLError, ConnectionError, ssl.SSLError) as exc:
+                assert proc.poll() is None, f"tcpmon serve exited: {proc.communicate()[1]}"
+                assert time.monotonic() < deadline, f"tcpmon serve never served TLS: {exc}"
+                time.sleep(0.3)
+        assert "# TYPE tcp_connects_by_pid gauge" in body
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        shutil.rmtree(etc)
