@@ -30,20 +30,21 @@ def _reply(status, body, content_type="text/plain; charset=utf-8"):
     return status, [("Content-Type", content_type)], body
 
 
-def encode(snapshot, openmetrics, compress, process_registry=None):
+def encode(render, snapshot, openmetrics, compress, process_registry=None):
     """The /metrics body of `snapshot`, gzipped when `compress`: the CPU-heavy part of a scrape."""
-    body = exposition.render(snapshot, openmetrics=openmetrics, process_registry=process_registry)
+    extra = {"process_registry": process_registry} if process_registry is not None else {}
+    body = render(snapshot, openmetrics=openmetrics, **extra)
     return gzip.compress(body, compresslevel=_GZIP_LEVEL, mtime=0) if compress else body
 
 
-def _metrics(collector, offload, per_worker, environ):
+def _metrics(collector, render, offload, per_worker, environ):
     chosen = negotiation.choose_format(environ.get("HTTP_ACCEPT"))
     compress = negotiation.wants_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
     snapshot, registry = collector.snapshot(), None
     if per_worker is not None:   # every worker's counters, labelled, instead of this one's
         per_worker.publish(snapshot.read_errors)
         snapshot, registry = dataclasses.replace(snapshot, read_errors=None), per_worker.registry
-    body = offload(encode, snapshot, chosen.openmetrics, compress, registry)
+    body = offload(encode, render, snapshot, chosen.openmetrics, compress, registry)
     status, headers, body = _reply("200 OK", body, chosen.content_type)
     headers.append(("Vary", "Accept, Accept-Encoding"))
     if compress:
@@ -87,11 +88,13 @@ def _unauthorized():
     return status, headers + [("WWW-Authenticate", "Basic")], body
 
 
-def make_app(collector, metrics_port=None, health_port=None, offload=_run_here, web=None, per_worker=None):
+def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, offload=_run_here,
+             web=None, per_worker=None):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
+    `render(snapshot, openmetrics=...)` makes the /metrics body, through `offload`.
     `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
     `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
-    metrics_routes = {"/metrics": partial(_metrics, collector, offload, per_worker), "/": _index}
+    metrics_routes = {"/metrics": partial(_metrics, collector, render, offload, per_worker), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector),
                      "/health": partial(_health, collector)}
     all_routes = {**metrics_routes, **health_routes}

@@ -25,7 +25,7 @@ from gunicorn.arbiter import Arbiter
 from gunicorn.workers.base_async import AsyncWorker
 from gunicorn.workers.ggevent import GeventWorker
 
-from tcpmon import web
+from tcpmon import exposition, web
 from tcpmon.app import make_app
 from tcpmon.collector import Collector
 from tcpmon.serve_options import MAX_CONNECTIONS, READ_TIMEOUT, THREADS, split_addr
@@ -231,12 +231,13 @@ class _Arbiter(Arbiter):
 class Exporter(BaseApplication):
     def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=THREADS,
                  log_level="info", read_mode="auto", read_timeout=READ_TIMEOUT,
-                 max_connections=MAX_CONNECTIONS, web_config_file=None, health_tls=False):
+                 max_connections=MAX_CONNECTIONS, web_config_file=None, health_tls=False, networks=()):
         self.pin_dir = pin_dir
         self.read_mode = read_mode
         self.threads = threads
         self.read_timeout = read_timeout
         self.max_connections = max_connections
+        self.networks = networks
         self.metrics_port = split_addr(metrics_addr, "--metrics-addr")[1]
         self.health_port = split_addr(health_addr, "--health-addr")[1]
         self.web_config_file = web_config_file
@@ -279,7 +280,8 @@ class Exporter(BaseApplication):
         if self.slots is not None:
             self.per_worker = PerWorker(self.slots, self.slot_index)
         self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload)
-        return make_app(self.collector, self.metrics_port, self.health_port, offload=offload, web=self.web,
+        return make_app(self.collector, self.metrics_port, self.health_port,
+                        render=partial(exposition.render, networks=self.networks), offload=offload, web=self.web,
                         per_worker=self.per_worker)
 
     def publish(self):

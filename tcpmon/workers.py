@@ -17,9 +17,9 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from tcpmon import probe
+from tcpmon.collector import SCRAPED
 
-_MAPS = tuple(spec.name for spec in probe.MAPS)
+_MAPS = tuple(spec.name for spec in SCRAPED)
 _GC_FIELDS = ("collections", "collected", "uncollectable")
 _GENERATIONS = 3
 # pid, read errors per map, gc counters per generation
