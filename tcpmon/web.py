@@ -307,7 +307,7 @@ def load(path):
 
 # --- TLS -----------------------------------------------------------------------------------------
 
-def _pem_path(text, what, path):
+def _pem_path(text, what):
     """A path the ssl module can read an inline PEM from (an in-memory file, never on disk)."""
     fd = os.memfd_create(f"tcpmon-{what}", os.MFD_CLOEXEC)
     os.write(fd, text.encode())
@@ -337,10 +337,10 @@ def tls_context(config):
     try:
         cert, key = tls.cert_file, tls.key_file
         if not cert:
-            fd, cert = _pem_path(tls.cert, "cert", config.path)
+            fd, cert = _pem_path(tls.cert, "cert")
             fds.append(fd)
         if not key:
-            fd, key = _pem_path(tls.key, "key", config.path)
+            fd, key = _pem_path(tls.key, "key")
             fds.append(fd)
         try:
             context.load_cert_chain(cert, key)

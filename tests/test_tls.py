@@ -386,3 +386,46 @@ basic_auth_users:
         assert status == 200
     finally:
         server.stop()
+
+
+# --- the file format, without a server ---------------------------------------------------------
+
+def test_inline_certificates_and_relative_paths_load(pki, tmp_path):
+    from tcpmon import web
+    cert, key = pki.ca.issue("inline")
+    path = tmp_path / "web.yml"
+    path.write_text(yaml.safe_dump({"tls_server_config": {
+        "cert": cert.decode(), "key": key.decode(), "client_ca": pki.ca.pem.decode(),
+        "client_auth_type": "VerifyClientCertIfGiven"}}))
+    config = web.load(str(path))
+    assert config.tls.enabled and web.tls_context(config).verify_mode == ssl.CERT_OPTIONAL
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.crt").write_bytes(cert)
+    (tmp_path / "sub" / "a.key").write_bytes(key)
+    path.write_text(yaml.safe_dump({"tls_server_config": {"cert_file": "sub/a.crt", "key_file": "sub/a.key"}}))
+    assert web.load(str(path)).tls.cert_file == str(tmp_path / "sub" / "a.crt")
+
+
+def test_an_empty_file_is_plain_http_without_users(tmp_path):
+    from tcpmon import web
+    path = tmp_path / "web.yml"
+    path.write_text("")
+    config = web.load(str(path))
+    assert not config.tls.enabled and config.users == {} and config.headers == {}
+
+
+@pytest.mark.parametrize("header, parsed", [
+    (None, None), ("", None), ("Bearer x", None), ("Basic", None),
+    ("Basic " + b64encode(b"u:p").decode(), ("u", b"p")), ("basic " + b64encode(b"u:p:q").decode(), ("u", b"p:q")),
+    ("BASIC " + b64encode(b":").decode(), ("", b"")), ("Basic " + b64encode(b"nocolon").decode(), None),
+    ("Basic !!!", None), ("Basic " + b64encode("ü:ß".encode()).decode(), ("ü", "ß".encode()))])
+def test_basic_auth_header_is_read_as_go_reads_it(header, parsed):
+    from tcpmon import web
+    assert web.parse_basic(header) == parsed
+
+
+@pytest.mark.parametrize("text, seconds", [("1s", 1), ("100ms", 0.1), ("1m30s", 90), ("2h", 7200), ("1.5s", 1.5),
+                                           ("", None), ("1", None), ("s", None), ("-1s", None), ("1d", None)])
+def test_durations_as_go_writes_them(text, seconds):
+    from tcpmon import web
+    assert web.parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
