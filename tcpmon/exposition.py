@@ -1,10 +1,13 @@
 """Snapshot -> Prometheus text format 0.0.4 or OpenMetrics 1.0.
 
-The two families that grow with the host (per PID, per comm) are rendered by
-the Cython hot path straight from the map bytes; the outcome families are
-summed per label set here; the small ones go through prometheus-client, which
-also supplies the process metrics.
+The families that grow with the host are rendered by the Cython hot path
+straight from the map bytes: per PID, per comm, and the outcome families,
+whose entries are summed per label set (Python only works out each key's label
+text, once).  The small families go through prometheus-client, which also
+supplies the process metrics.
 """
+import array
+
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -12,7 +15,8 @@ from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.utils import floatToGoString
 
 from tcpmon import __version__, maps
-from tcpmon._render import comm_label, render_comm_series, render_pid_series
+from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
+                            render_pid_series)
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
 
@@ -57,17 +61,93 @@ def wants_openmetrics(accept_header):
     return "application/openmetrics-text" in (accept_header or "")
 
 
-def render(snapshot, openmetrics=False, attribution=NO_ATTRIBUTION, networks=()):
-    """The whole /metrics body for one snapshot."""
-    generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotFamilies(snapshot))
-    parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
-             _outcome_families(snapshot, attribution, openmetrics),
-             _destination_family(snapshot, attribution, networks, openmetrics),
-             generate(registry), generate(_PROCESS_REGISTRY)]
-    body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
-    return body + _EOF if openmetrics else body
+class Renderer:
+    """Renders snapshots for one worker; remembers the label text of every outcome and
+    destination key it has seen (until the attribution's knowledge changes)."""
+
+    MAX_REMEMBERED = 1 << 16
+
+    def __init__(self, attribution=NO_ATTRIBUTION, networks=()):
+        self.attribution = attribution
+        self.networks = networks
+        self._texts = {}        # (map name, raw key) -> label text, or None for a gone cgroup
+        self._generation = None
+
+    def render(self, snapshot, openmetrics=False):
+        """The whole /metrics body for one snapshot."""
+        generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_SnapshotFamilies(snapshot))
+        self._forget_if_stale()
+        parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
+                 self._outcome_families(snapshot, openmetrics), self._destination_family(snapshot, openmetrics),
+                 generate(registry), generate(_PROCESS_REGISTRY)]
+        body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
+        return body + _EOF if openmetrics else body
+
+    def _forget_if_stale(self):
+        generation = getattr(self.attribution, "generation", 0)
+        if generation != self._generation or len(self._texts) > self.MAX_REMEMBERED:
+            self._texts.clear()
+            self._generation = generation
+
+    def _groups(self, spec, read, where=lambda key: ""):
+        """(group of each entry, label text of each group): entries with the same labels form one
+        group, groups sorted by their text; -1 for entries of cgroups that are gone."""
+        size, keys, texts = spec.key_size, read.keys, self._texts
+        names = ("comm",) + self.attribution.label_names
+        raw_groups, index = array.array("i", [-1]) * read.count, {}
+        for i in range(read.count):
+            raw = keys[i * size:(i + 1) * size]
+            text = texts.get((spec.name, raw), False)
+            if text is False:
+                key = spec.key.unpack(raw)
+                who = self.attribution.labels(key["cgroup_id"])
+                text = None if who is None else _labels(names, (comm_label(key["comm"]),) + who) + where(key)
+                texts[(spec.name, raw)] = text
+            if text is not None:
+                raw_groups[i] = index.setdefault(text, len(index))
+        order = sorted(index, key=index.get)
+        ranked = sorted(range(len(order)), key=order.__getitem__)
+        rank = [0] * len(order)
+        for position, group in enumerate(ranked):
+            rank[group] = position
+        groups = array.array("i", (rank[g] if g >= 0 else -1 for g in raw_groups))
+        return groups, [order[g].encode() for g in ranked]
+
+    def _outcome_families(self, snapshot, openmetrics):
+        head = _header(OUTCOME_FAMILY, "counter", OUTCOME_HELP, openmetrics).encode()
+        head_latency = _header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics).encode()
+        read = snapshot.reads.get(maps.OUTCOMES.name)
+        if read is None:
+            return head + head_latency
+        groups, labels = self._groups(maps.OUTCOMES, read)
+        counters, histogram = render_outcomes(OUTCOME_FAMILY.encode(), LATENCY_FAMILY.encode(), _RESULT_TEXT,
+                                              _BOUND_TEXT, read.values, read.count, groups, labels)
+        return head + counters + head_latency + histogram
+
+    def _destination_family(self, snapshot, openmetrics):
+        read = snapshot.reads.get(maps.DESTINATIONS.name)
+        if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
+            return b""
+
+        def where(key):
+            return "," + _labels(("result", "remote_port", "remote"),
+                                 (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, self.networks)))
+        groups, labels = self._groups(maps.DESTINATIONS, read, where)
+        head = _header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics).encode()
+        return head + render_grouped_counters(f"{DESTINATION_FAMILY}_total".encode(), read.values,
+                                              read.value_stride, read.count, groups, labels)
+
+
+_RESULT_TEXT = [result.encode() for result in maps.RESULTS]
+_BOUND_TEXT = [bound.encode() for bound in LATENCY_BOUNDS]
+_DEFAULT = Renderer()
+
+
+def render(snapshot, openmetrics=False):
+    """The /metrics body with comm-only outcome labels and no network names."""
+    return _DEFAULT.render(snapshot, openmetrics)
 
 
 def _header(family, kind, help_text, openmetrics):
@@ -98,60 +178,6 @@ def escape(value):
 
 def _labels(names, values):
     return ",".join(f'{name}="{escape(value)}"' for name, value in zip(names, values))
-
-
-def _sum_by_labels(snapshot, spec, attribution, label_of):
-    """{label values: summed value dict} over `spec`'s entries; entries of cgroups that
-    are gone are left out (attribution.labels gives None)."""
-    rows = {}
-    for key, value in snapshot.entries(spec):
-        who = attribution.labels(key["cgroup_id"])
-        if who is None:
-            continue
-        labels = (comm_label(key["comm"]),) + who + label_of(key)
-        total = rows.get(labels)
-        rows[labels] = value if total is None else _add(total, value)
-    return rows
-
-
-def _add(a, b):
-    return {name: tuple(x + y for x, y in zip(a[name], b[name])) if isinstance(a[name], tuple)
-            else a[name] + b[name] for name in a}
-
-
-def _outcome_families(snapshot, attribution, openmetrics):
-    names = ("comm",) + attribution.label_names
-    rows = _sum_by_labels(snapshot, maps.OUTCOMES, attribution, lambda key: ())
-    outcomes = [_header(OUTCOME_FAMILY, "counter", OUTCOME_HELP, openmetrics)]
-    latency = [_header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics)]
-    for labels, value in sorted(rows.items()):
-        text = _labels(names, labels)
-        for result, count in zip(maps.RESULTS, value["results"]):
-            outcomes.append(f'{OUTCOME_FAMILY}_total{{{text},result="{result}"}} {count}\n')
-        cumulative = 0
-        for bound, count in zip(LATENCY_BOUNDS, value["latency"]):
-            cumulative += count
-            latency.append(f'{LATENCY_FAMILY}_bucket{{{text},le="{bound}"}} {cumulative}\n')
-        successes = value["results"][0]
-        latency.append(f'{LATENCY_FAMILY}_bucket{{{text},le="+Inf"}} {successes}\n'
-                       f'{LATENCY_FAMILY}_sum{{{text}}} {floatToGoString(value["duration_ns"] / 1e9)}\n'
-                       f'{LATENCY_FAMILY}_count{{{text}}} {successes}\n')
-    return "".join(outcomes + latency).encode()
-
-
-def _destination_family(snapshot, attribution, networks, openmetrics):
-    read = snapshot.reads.get(maps.DESTINATIONS.name)
-    if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
-        return b""
-    names = ("comm",) + attribution.label_names + ("result", "remote_port", "remote")
-
-    def where(key):
-        return (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, networks))
-    rows = _sum_by_labels(snapshot, maps.DESTINATIONS, attribution, where)
-    lines = [_header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics)]
-    for labels, value in sorted(rows.items()):
-        lines.append(f"{DESTINATION_FAMILY}_total{{{_labels(names, labels)}}} {value['count']}\n")
-    return "".join(lines).encode()
 
 
 class _SnapshotFamilies:

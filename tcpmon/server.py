@@ -8,7 +8,6 @@ import logging
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
@@ -108,5 +107,5 @@ class Exporter(BaseApplication):
     def load(self):
         # Runs in each worker after fork: map fds are never shared between workers.
         collector = Collector(self.pin_dir, read_mode=self.read_mode)
-        return make_app(collector, self.metrics_port, self.health_port,
-                        render=partial(exposition.render, networks=self.networks))
+        renderer = exposition.Renderer(networks=self.networks)
+        return make_app(collector, self.metrics_port, self.health_port, render=renderer.render)
