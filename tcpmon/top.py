@@ -1,10 +1,10 @@
 """`tcpmon top`, the model: reads of the pinned maps, rates, sorting and filtering.
 
 Everything here is pure except `read_sample`, the one function that touches the
-maps (through the read-only reader the exporter uses), and `two_reads`, which
-takes two of them for `--once` and `--json`.  The view lives apart: `top_text` lays a Frame out as lines that
-fit a terminal width (shared by `--once` and the screen), `top_screen` draws
-them with curses and turns keys into changes of sort and filter.
+maps (through the read-only reader the exporter uses), and `two_reads` and
+`main`, which drive it.  The view lives apart: `top_text` lays a Frame out as
+lines that fit a terminal width (shared by `--once` and the screen),
+`top_screen` draws them with curses and turns keys into sort and filter.
 
 Rates are per row key, (pid, comm) for processes: a PID that exits and is
 reused, or that execs and takes a new name, is a new row with no rate until it
@@ -22,7 +22,7 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tcpmon import probe, top_text
 from tcpmon.errors import TcpmonError
@@ -31,41 +31,6 @@ from tcpmon._render import comm_label
 SORT_KEYS = ("rate", "total", "pid", "comm")
 _COMM_KEY = struct.Struct(f"={probe.COMM_TOTALS.key_size}s")
 _COUNTER = struct.Struct("=Q")  # comm_totals value: __u64
-
-
-@dataclass(frozen=True)
-class MapFill:
-    map_id: int       # a new id means the map was created anew: its counts restarted
-    entries: int
-    max_entries: int
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One read: per table, row key -> {counter: value}; and the fill of each map read."""
-    taken: float      # time.monotonic() just before the read
-    tables: dict
-    maps: dict        # map name -> MapFill
-
-
-def read_sample(pin_dir, clock=time.monotonic):
-    """One read of the maps top shows.  The only code here that touches them: re-point it
-    when the reader's map descriptions change."""
-    from tcpmon.cli import read_pid_entries
-    pins = probe.Pins(pin_dir)
-    taken = clock()
-    processes = {(entry["pid"], entry["comm"]): {"connects": entry["connects"]}
-                 for entry in read_pid_entries(pin_dir)}
-    with probe.open_map(pins, probe.CONNECTS) as connects:
-        pid_fill = MapFill(connects.map_id, len(processes), connects.max_entries)
-    with probe.open_map(pins, probe.COMM_TOTALS) as totals:
-        count = totals.read()
-        names = {(comm_label(comm),): {"connects": total}
-                 for (comm,), (total,) in zip(_COMM_KEY.iter_unpack(totals.keys),
-                                              _COUNTER.iter_unpack(totals.values))}
-        name_fill = MapFill(totals.map_id, count, totals.max_entries)
-    return Sample(taken, {"processes": processes, "names": names},
-                  {probe.CONNECTS.name: pid_fill, probe.COMM_TOTALS.name: name_fill})
 
 
 @dataclass(frozen=True)
@@ -92,7 +57,7 @@ class Table:
     key: tuple        # the fields that identify a row
     counters: tuple   # monotonic counters; each gets a "<counter>_rate" field (per second)
     columns: tuple
-    sort_fields: dict = field(default_factory=dict)  # --sort key -> row field; others sort by rate
+    sort_fields: dict  # --sort key -> row field ("rate" and "total" at least); others sort by rate
 
 
 PROCESSES = Table("processes", "processes", probe.CONNECTS.name, ("pid", "comm"), ("connects",),
@@ -102,6 +67,41 @@ NAMES = Table("names", "names, exited processes included", probe.COMM_TOTALS.nam
               ("connects",), (RATE, TOTAL, COMM),
               {"rate": "connects_rate", "total": "connects", "comm": "comm"})
 TABLES = (PROCESSES, NAMES)
+
+
+@dataclass(frozen=True)
+class MapFill:
+    map_id: int       # a new id means the map was created anew: its counts restarted
+    entries: int
+    max_entries: int
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One read: per table, row key -> {counter: value}; and the fill of each map read."""
+    taken: float      # time.monotonic() just before the read
+    tables: dict
+    maps: dict        # map name -> MapFill
+
+
+def read_sample(pin_dir):
+    """One read of the maps top shows.  The only code here that touches them: re-point it
+    when the reader's map descriptions change."""
+    from tcpmon.cli import read_pid_entries
+    pins = probe.Pins(pin_dir)
+    taken = time.monotonic()
+    processes = {(entry["pid"], entry["comm"]): {"connects": entry["connects"]}
+                 for entry in read_pid_entries(pin_dir)}
+    with probe.open_map(pins, probe.CONNECTS) as connects:
+        pid_fill = MapFill(connects.map_id, len(processes), connects.max_entries)
+    with probe.open_map(pins, probe.COMM_TOTALS) as totals:
+        count = totals.read()
+        names = {(comm_label(comm),): {"connects": total}
+                 for (comm,), (total,) in zip(_COMM_KEY.iter_unpack(totals.keys),
+                                              _COUNTER.iter_unpack(totals.values))}
+        name_fill = MapFill(totals.map_id, count, totals.max_entries)
+    return Sample(taken, {PROCESSES.name: processes, NAMES.name: names},
+                  {probe.CONNECTS.name: pid_fill, probe.COMM_TOTALS.name: name_fill})
 
 
 def rates(before, now, counters, seconds):
@@ -153,7 +153,8 @@ def matches(row, name_filter):
     """Does the row's name contain `name_filter`, ignoring case?  Either as the label or as
     the screen shows it (with \\xNN for what a terminal would act on)."""
     wanted = name_filter.casefold()
-    return not wanted or wanted in row["comm"].casefold() or wanted in top_text.terminal_text(row["comm"]).casefold()
+    return (not wanted or wanted in row["comm"].casefold()
+            or wanted in top_text.terminal_text(row["comm"]).casefold())
 
 
 @dataclass(frozen=True)
@@ -218,11 +219,11 @@ def to_json(frame):
         "rows_before_filter": {table.name: total for table, _, total in frame.tables}})
 
 
-def two_reads(pin_dir, interval, sort, name_filter, sleep=time.sleep):
+def two_reads(pin_dir, interval, sort, name_filter):
     """The Frame of two reads `interval` seconds apart (a rate needs two)."""
     watch = Watch(pin_dir, sort, name_filter)
     watch.add(read_sample(pin_dir))
-    sleep(interval)
+    time.sleep(interval)
     watch.add(read_sample(pin_dir))
     return watch.frame()
 
