@@ -429,22 +429,19 @@ def test_screen_sort_keys_change_the_order(pin_dir):
         idle.connect(500)
         busy.tell("pace 5")
         with TmuxTop(pin_dir, "--filter", prefix) as screen:
-            def order(pids):
-                return lambda lines: pids_shown(lines) == pids and all(
+            def order(sort, pids):
+                return lambda lines: f"sort: {sort}  " in lines[0] and pids_shown(lines) == pids and all(
                     row[1] != "-" for row in process_rows(lines)) and lines
-            lines = screen.wait_for(order([busy.pid, idle.pid]), "the busy process first (sort: rate)")
-            assert "sort: rate" in lines[0]
+            screen.wait_for(order("rate", [busy.pid, idle.pid]), "the busy process first (sort: rate)")
             screen.keys("t")
-            lines = screen.wait_for(order([idle.pid, busy.pid]), "the idle process first (sort: total)")
-            assert "sort: total" in lines[0]
+            lines = screen.wait_for(order("total", [idle.pid, busy.pid]), "the idle process first (sort: total)")
             assert [row[2] for row in name_rows(lines)] == [prefix + "b", prefix + "a"]
             screen.keys("p")
-            screen.wait_for(order(sorted([busy.pid, idle.pid])), "pid order (sort: pid)")
+            screen.wait_for(order("pid", sorted([busy.pid, idle.pid])), "pid order (sort: pid)")
             screen.keys("t", "n")
-            lines = screen.wait_for(order([busy.pid, idle.pid]), "name order (sort: comm)")
-            assert "sort: comm" in lines[0]
+            screen.wait_for(order("comm", [busy.pid, idle.pid]), "name order (sort: comm)")
             screen.keys("s")
-            screen.wait_for(lambda lines: "sort: rate" in lines[0], "s cycling on to rate")
+            screen.wait_for(lambda lines: "sort: rate  " in lines[0], "s cycling on to rate")
         busy.tell("stop")
 
 
