@@ -101,7 +101,8 @@ def test_rate_is_the_connects_between_two_reads_over_their_interval(pin_dir):
     frame = watched(first, second)
     assert row_of(frame, "processes", pid=proc.pid) == \
         {"pid": proc.pid, "comm": proc.label, "connects": 10, "connects_rate": 7 / seconds}
-    assert row_of(frame, "names", comm=proc.label) == {"comm": proc.label, "connects": 10, "connects_rate": 7 / seconds}
+    assert row_of(frame, "names", comm=proc.label) == \
+        {"comm": proc.label, "connects": 10, "connects_rate": 7 / seconds}
     assert frame.seconds == seconds
 
 
