@@ -19,18 +19,16 @@ columns here, and one more read in `read_sample`.
 import codecs
 import json
 import shutil
-import struct
 import sys
 import time
 from dataclasses import dataclass
 
-from tcpmon import probe, top_text
+from tcpmon import maps, top_text
+from tcpmon.dumping import readable
 from tcpmon.errors import TcpmonError
-from tcpmon._render import comm_label
+from tcpmon.pins import Pins
 
 SORT_KEYS = ("rate", "total", "pid", "comm")
-_COMM_KEY = struct.Struct(f"={probe.COMM_TOTALS.key_size}s")
-_COUNTER = struct.Struct("=Q")  # comm_totals value: __u64
 
 
 @dataclass(frozen=True)
@@ -60,10 +58,10 @@ class Table:
     sort_fields: dict  # --sort key -> row field ("rate" and "total" at least); others sort by rate
 
 
-PROCESSES = Table("processes", "processes", probe.CONNECTS.name, ("pid", "comm"), ("connects",),
+PROCESSES = Table("processes", "processes", maps.CONNECTS.name, ("pid", "comm"), ("connects",),
                   (PID, RATE, TOTAL, COMM),
                   {"rate": "connects_rate", "total": "connects", "pid": "pid", "comm": "comm"})
-NAMES = Table("names", "names, exited processes included", probe.COMM_TOTALS.name, ("comm",),
+NAMES = Table("names", "names, exited processes included", maps.COMM_TOTALS.name, ("comm",),
               ("connects",), (RATE, TOTAL, COMM),
               {"rate": "connects_rate", "total": "connects", "comm": "comm"})
 TABLES = (PROCESSES, NAMES)
@@ -86,22 +84,24 @@ class Sample:
 
 def read_sample(pin_dir):
     """One read of the maps top shows.  The only code here that touches them: re-point it
-    when the reader's map descriptions change."""
-    from tcpmon.cli import read_pid_entries
-    pins = probe.Pins(pin_dir)
+    when the maps change."""
+    pins = Pins(pin_dir)
     taken = time.monotonic()
-    processes = {(entry["pid"], entry["comm"]): {"connects": entry["connects"]}
-                 for entry in read_pid_entries(pin_dir)}
-    with probe.open_map(pins, probe.CONNECTS) as connects:
-        pid_fill = MapFill(connects.map_id, len(processes), connects.max_entries)
-    with probe.open_map(pins, probe.COMM_TOTALS) as totals:
-        count = totals.read()
-        names = {(comm_label(comm),): {"connects": total}
-                 for (comm,), (total,) in zip(_COMM_KEY.iter_unpack(totals.keys),
-                                              _COUNTER.iter_unpack(totals.values))}
-        name_fill = MapFill(totals.map_id, count, totals.max_entries)
-    return Sample(taken, {PROCESSES.name: processes, NAMES.name: names},
-                  {probe.CONNECTS.name: pid_fill, probe.COMM_TOTALS.name: name_fill})
+    pids, pid_fill = _read(pins, maps.CONNECTS)
+    comms, comm_fill = _read(pins, maps.COMM_TOTALS)
+    return Sample(taken,
+                  {PROCESSES.name: {(e["tgid"], e["comm"]): {"connects": e["connects"]} for e in pids},
+                   NAMES.name: {(e["comm"],): {"connects": e["count"]} for e in comms}},
+                  {maps.CONNECTS.name: pid_fill, maps.COMM_TOTALS.name: comm_fill})
+
+
+def _read(pins, spec):
+    """The entries of one read of `spec`'s map as `tcpmon dump` decodes them (comms as
+    their labels), and the map's fill."""
+    with maps.open_map(pins, spec) as bpf_map:
+        count = bpf_map.read()
+        entries = [readable({**key, **value}) for key, value in spec.entries(bpf_map)]
+        return entries, MapFill(bpf_map.map_id, count, bpf_map.max_entries)
 
 
 def rates(before, now, counters, seconds):
