@@ -5,10 +5,11 @@ import json
 import os
 import pty
 import re
-import secrets
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -329,15 +330,20 @@ class TmuxTop:
     """`tcpmon top` typed into a shell in a private tmux server's 80x24 window."""
 
     def __init__(self, pin_dir, *args, width=80, height=24):
-        self.tmux = ["tmux", "-u", "-L", f"tcpmon-test-{os.getpid()}-{secrets.token_hex(3)}", "-f", "/dev/null"]
+        self.socket_dir = tempfile.mkdtemp(prefix=f"tcpmon-test-{os.getpid()}-tmux-")
+        self.tmux = ["tmux", "-u", "-S", os.path.join(self.socket_dir, "socket"), "-f", "/dev/null"]
         self.env = env_without_twins(LANG="C.UTF-8", PS1="$ ")
-        self._tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height),
-                   "bash --norc --noprofile")
-        self.command = " ".join([*map(shlex.quote, TCPMON), "top", "--pin-dir", shlex.quote(pin_dir),
-                                 *map(shlex.quote, args)])
-        self.type_line(f"cd {shlex.quote(str(ROOT))} && clear && echo before-top && {self.command}; "
-                       "echo top-exited-$?")
-        self.wait_for(lambda lines: lines and lines[0].startswith("tcpmon top "), "the first frame")
+        command = " ".join([*map(shlex.quote, TCPMON), "top", "--pin-dir", shlex.quote(pin_dir),
+                            *map(shlex.quote, args)])
+        try:
+            self._tmux("new-session", "-d", "-s", "top", "-x", str(width), "-y", str(height),
+                       "bash --norc --noprofile")
+            self.type_line(f"cd {shlex.quote(str(ROOT))} && clear && echo before-top && {command}; "
+                           "echo top-exited-$?")
+            self.wait_for(lambda lines: lines and lines[0].startswith("tcpmon top "), "the first frame")
+        except BaseException:
+            self.close()
+            raise
 
     def _tmux(self, *args):
         return subprocess.run([*self.tmux, *args], capture_output=True, text=True, check=True, timeout=30,
@@ -371,6 +377,7 @@ class TmuxTop:
 
     def close(self):
         subprocess.run([*self.tmux, "kill-server"], capture_output=True, env=self.env)
+        shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def __enter__(self):
         return self
