@@ -1,4 +1,4 @@
-"""The tcpmon command: load | unload | status | dump | serve | run.
+"""The tcpmon command: load | unload | status | dump | serve | run | top.
 
 Every flag has an environment twin (TCPMON_<FLAG>), read after parsing and
 only for the command that runs; a flag given on the command line wins.  Errors are one line on stderr and a non-zero exit.
@@ -74,6 +74,16 @@ class _Parser(argparse.ArgumentParser):
         return value
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds from 0.1 to 3600")
+    return value
+
+
 def _common(parser):
     _option(parser, "--pin-dir", DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
     _option(parser, "--log-level", "info", "log verbosity", choices=_LOG_LEVELS)
@@ -100,6 +110,16 @@ def _serve_options(parser):
     _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
             choices=_READ_MODES)
     _option(parser, "--networks", None, "NAME=CIDR,... naming remote networks in tcpmon_connect_destinations_total")
+
+
+def _top_options(parser):
+    from tcpmon.top import SORT_KEYS
+    _option(parser, "--interval", 1.0, "seconds between reads; a rate takes two reads, so --once and --json "
+            "read twice this far apart", type=_seconds)
+    _option(parser, "--sort", "rate", "row order (keys s, r, t, p, n on the screen)", choices=SORT_KEYS)
+    _option(parser, "--filter", None, "show only names containing this text, any case (key / on the screen)")
+    _switch(parser, "--once", "print one frame to stdout and exit: no terminal needed")
+    _switch(parser, "--json", "print one JSON document and exit (as --once)")
 
 
 def build_parser():
@@ -137,6 +157,10 @@ def build_parser():
     _common(run)
     _load_options(run)
     _serve_options(run)
+
+    top = command("top", "live view of connect rates from the pinned maps (no exporter needed)")
+    _common(top)
+    _top_options(top)
     return parser
 
 
@@ -248,8 +272,13 @@ def cmd_run(args):
     return cmd_serve(args)
 
 
+def cmd_top(args):
+    from tcpmon import top
+    return top.main(args.pin_dir, args.interval, args.sort, args.filter, once=args.once, as_json=args.json)
+
+
 COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump": cmd_dump,
-            "serve": cmd_serve, "run": cmd_run}
+            "serve": cmd_serve, "run": cmd_run, "top": cmd_top}
 
 
 def main(argv=None):
