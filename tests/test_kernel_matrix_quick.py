@@ -69,6 +69,8 @@ def test_quick_guest_counts_exactly(qemu, tmp_path):
         assert r["dump"] == r["expected"], f"{mode}: tcpmon dump counted {r['dump']}, expected {r['expected']}"
         assert r["metrics"] == r["expected"], f"{mode}: /metrics showed {r['metrics']}, expected {r['expected']}"
         assert r["comm_ok"] is True
+        assert r["outcomes"] == r["expected_outcomes"], f"{mode}: outcomes {r['outcomes']}"
+        assert r["expected_outcomes"]["refused"] > 0
         assert r["pid_dropped_on_exit"] is True
         assert r["unloaded"] is True
         assert r["errors"] == []
@@ -108,7 +110,7 @@ def test_quick_guest_catches_a_miscount(qemu, tmp_path):
     assert proc.returncode == 1, explain(proc)
     [r] = results
     assert not r["load_failed"], r["load_output"]
-    # first connect inserts 1, every later one adds 2
-    assert r["dump"] == 2 * r["expected"] - 1, explain(proc)
-    assert r["metrics"] == 2 * r["expected"] - 1
+    # every connect adds 2 (a new PID's entry starts at 0)
+    assert r["dump"] == 2 * r["expected"], explain(proc)
+    assert r["metrics"] == 2 * r["expected"]
     assert "**FAIL**" in output.read_text()
