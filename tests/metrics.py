@@ -34,12 +34,6 @@ def pids_of(text, comm):
     return {int(dict(key)["pid"]) for key in samples(text, "tcp_connects_by_pid") if dict(key)["comm"] == label}
 
 
-# The families of issue 11 (outcome and latency) that the alerts and the dashboard use
-# before the exporter serves them: their checks skip, naming the issue, until it does.
-ISSUE_11_FAMILIES = {"tcpmon_connects_total", "tcpmon_connect_duration_seconds_bucket",
-                     "tcpmon_connect_duration_seconds_sum", "tcpmon_connect_duration_seconds_count"}
-
-
 def served_names(text):
     """Every sample name the exposition `text` declares (# TYPE), with a counter's _total
     and a histogram's _bucket, _sum and _count, whether or not it has samples yet."""

@@ -1,7 +1,7 @@
 """The Grafana dashboard (charts/tcpmon/dashboards/tcpmon.json): its structure, and every
 panel's PromQL, with the variables substituted as Grafana substitutes them, run against a
 real Prometheus that has scraped the session's real exporter while a process made real
-connects.  Panels of the families issue 11 adds skip, naming it, until the exporter serves them."""
+connects."""
 import json
 import math
 import re
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import ROOT, Connector, unique_comm
-from metrics import ISSUE_11_FAMILIES, served_names
+from metrics import served_names
 from tcpmon._render import comm_label
 from test_prometheus import Prometheus, promql_string
 
@@ -21,6 +21,9 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 # The `node` target label of the test's Prometheus; the dot is a regex metacharacter,
 # which Grafana escapes when it substitutes a value of a multi-value variable.
 NODE = "node-1.test"
+# The families labelled by who connected, which the namespace and pod variables filter.
+ATTRIBUTED = {"tcpmon_connects_total", "tcpmon_connect_duration_seconds_bucket",
+              "tcpmon_connect_duration_seconds_sum", "tcpmon_connect_duration_seconds_count"}
 # Grafana's default number of points of a panel; $__interval is never below the
 # data source's scrape interval (set to Prometheus' own, as the data source docs advise).
 MAX_DATA_POINTS = 1000
@@ -98,7 +101,7 @@ def test_every_selector_filters_by_node_and_the_attribution_by_namespace_and_pod
         for target in panel["targets"]:
             for name, matchers in _selectors(target["expr"]):
                 assert 'node=~"$node"' in matchers, (panel["title"], name)
-                if name in ISSUE_11_FAMILIES:
+                if name in ATTRIBUTED:
                     assert 'namespace=~"$namespace"' in matchers and 'pod=~"$pod"' in matchers, \
                         (panel["title"], name)
 
@@ -131,9 +134,9 @@ def stack(exporter, tmp_path_factory):
             prometheus.wait_for(f"tcpmon_connect_attempts_total{ours} == 5")
         with Connector(comm, opened=5, refused=4) as live:
             prometheus.wait_for(f"tcpmon_connect_attempts_total{ours} == 14")
+            # outcomes are counted when the handshake ends, a moment after the attempt
+            prometheus.wait_for(f"sum(tcpmon_connects_total{ours}) == 14")
             served = served_names(exporter.scrape())
-            if "tcpmon_connects_total" in served:  # outcomes are counted when the handshake ends
-                prometheus.wait_for(f"sum(tcpmon_connects_total{ours}) == 14")
             time.sleep(2 * Prometheus.SCRAPE_INTERVAL)  # a scrape or two after the last connects
             yield Stack(prometheus, served, comm_label(live.comm), live.pid, start, time.time())
     finally:
@@ -175,12 +178,9 @@ def _run(stack, target, values):
     return [(series["metric"], [float(v) for _, v in series["values"]]) for series in result]
 
 
-def _skip_unless_served(stack, exprs):
+def _assert_served(stack, exprs):
     used = {name for expr in exprs for name in _families(expr) if name.startswith("tcp")}
-    missing = used - stack.served
-    assert missing <= ISSUE_11_FAMILIES, f"the dashboard uses metrics the exporter does not serve: {missing}"
-    if missing:
-        pytest.skip(f"issue 11: the exporter does not serve {', '.join(sorted(missing))} yet")
+    assert used <= stack.served, f"the dashboard uses metrics the exporter does not serve: {used - stack.served}"
 
 
 def _series(results, **labels):
@@ -253,7 +253,7 @@ def test_panel_checks_name_real_panels():
 
 @pytest.mark.parametrize("panel", PANELS, ids=[panel["title"] for panel in PANELS])
 def test_panel_queries_return_the_data(stack, panel):
-    _skip_unless_served(stack, [target["expr"] for target in panel["targets"]])
+    _assert_served(stack, [target["expr"] for target in panel["targets"]])
     results = [_run(stack, target, _values(stack)) for target in panel["targets"]]
     for target, result in zip(panel["targets"], results):
         assert result, f"{panel['title']} {target['refId']} is empty: {substitute(target['expr'], _values(stack))}"
@@ -264,7 +264,7 @@ def test_panel_queries_return_the_data(stack, panel):
 
 @pytest.mark.parametrize("panel", PANELS, ids=[panel["title"] for panel in PANELS])
 def test_panel_shows_nothing_for_a_node_that_is_not_there(stack, panel):
-    _skip_unless_served(stack, [target["expr"] for target in panel["targets"]])
+    _assert_served(stack, [target["expr"] for target in panel["targets"]])
     for target in panel["targets"]:
         assert _run(stack, target, _values(stack, node="other-node.test")) == [], (panel["title"], target["refId"])
 
@@ -275,7 +275,7 @@ def test_variable_query_returns_label_values(stack, variable):
     definition = substitute(variable["definition"], _values(stack))
     match = re.fullmatch(r"label_values\((.+), (\w+)\)", definition)
     assert match, definition
-    _skip_unless_served(stack, [variable["definition"]])
+    _assert_served(stack, [variable["definition"]])
     selector, label = match.groups()
     values = stack.prometheus.api(f"label/{label}/values", **{"match[]": selector},
                                   start=stack.start, end=stack.end)

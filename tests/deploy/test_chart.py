@@ -195,12 +195,8 @@ ALERTS = [rule["alert"] for group in yaml.safe_load((REPO / "configs/tcpmon.rule
 
 @pytest.mark.parametrize("alert", ALERTS)
 def test_alert_uses_metrics_the_exporter_serves(alert_rules, served, alert):
-    from metrics import ISSUE_11_FAMILIES
     used = set(re.findall(r"\b(tcpmon_\w+)", alert_rules[alert]["expr"]))
-    missing = used - served
-    if missing and missing <= ISSUE_11_FAMILIES:
-        pytest.skip(f"issue 11: the exporter does not serve {', '.join(sorted(missing))} yet")
-    assert not missing, f"{alert} uses metrics the exporter does not serve: {missing}"
+    assert used and used <= served, f"{alert} uses metrics the exporter does not serve: {used - served}"
 
 
 def test_unload_mode_unloads_and_serves_nothing(helm):
