@@ -1,7 +1,9 @@
 """Security and wiring properties of the Helm chart, checked on the objects helm renders."""
+import json
 import re
 
 import pytest
+import yaml
 
 from deploylib import REPO, helm_template
 from tcpmon import attach, cli
@@ -133,23 +135,68 @@ def test_monitoring_objects_are_optional_and_wired(helm, default_docs):
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
     alerts = {rule["alert"]: rule["expr"] for rule in kinds["PrometheusRule"][0]["spec"]["groups"][0]["rules"]}
-    assert {"TcpmonProbeDetached", "TcpmonMapNearlyFull", "TcpmonMapUpdateFailures"} <= set(alerts)
+    assert set(alerts) == set(ALERTS)
+    assert all(f'job="{service["metadata"]["name"]}"' in expr for expr in alerts.values())
 
 
-def test_alerts_use_metrics_the_exporter_serves(helm, pin_dir):
+def test_rule_thresholds_come_from_the_values(helm):
+    docs = helm_template(helm, "prometheusRule.enabled=true", "prometheusRule.connectStormFactor=25")[0]
+    rules = {rule["alert"]: rule for rule in _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert "> 25 * sum by" in rules["TcpmonConnectStorm"]["expr"]
+    assert "more than 25 times" in rules["TcpmonConnectStorm"]["annotations"]["description"]
+
+
+def _dashboard_configmap(helm, *sets):
+    docs = helm_template(helm, "dashboard.enabled=true", *sets)[0]
+    return _one(docs, "ConfigMap")
+
+
+def test_dashboard_configmap_is_what_the_grafana_sidecar_loads(helm):
+    configmap = _dashboard_configmap(helm)
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    (name,) = configmap["data"]
+    assert name.endswith(".json")
+    shipped = json.loads((REPO / "charts/tcpmon/dashboards/tcpmon.json").read_text())
+    assert json.loads(configmap["data"][name]) == shipped
+
+
+def test_dashboard_label_namespace_and_folder_are_settable(helm):
+    configmap = _dashboard_configmap(helm, "dashboard.label=grafana_dashboard_tcp", "dashboard.labelValue=yes",
+                                     "dashboard.namespace=grafana", "dashboard.annotations.grafana_folder=Network")
+    assert configmap["metadata"]["labels"]["grafana_dashboard_tcp"] == "yes"
+    assert "grafana_dashboard" not in configmap["metadata"]["labels"]
+    assert configmap["metadata"]["namespace"] == "grafana"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Network"}
+
+
+@pytest.fixture(scope="module")
+def served(pin_dir):
+    """The sample names the real exporter serves over the session's probe."""
+    from metrics import served_names
     from tcpmon import exposition
     from tcpmon.collector import Collector
     collector = Collector(pin_dir)
     try:
-        body = exposition.render(collector.snapshot()).decode()
+        return served_names(exposition.render(collector.snapshot()).decode())
     finally:
         collector.close()
-    served = set(re.findall(r"^# TYPE (\S+) (\S+)", body, re.M))
-    names = {name for name, _ in served} | {name + "_total" for name, kind in served if kind == "counter"}
+
+
+@pytest.fixture(scope="module")
+def alert_rules(helm):
     docs = helm_template(helm, "prometheusRule.enabled=true")[0]
-    rules = _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
-    used = {name for rule in rules for name in re.findall(r"\b(tcpmon_\w+)", rule["expr"])}
-    assert used and used <= names, f"alerts use metrics the exporter does not serve: {used - names}"
+    return {rule["alert"]: rule for rule in _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+
+
+ALERTS = [rule["alert"] for group in yaml.safe_load((REPO / "configs/tcpmon.rules.yml").read_text())["groups"]
+          for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("alert", ALERTS)
+def test_alert_uses_metrics_the_exporter_serves(alert_rules, served, alert):
+    used = set(re.findall(r"\b(tcpmon_\w+)", alert_rules[alert]["expr"]))
+    assert used <= served, f"{alert} uses metrics the exporter does not serve: {used - served}"
 
 
 def test_unload_mode_unloads_and_serves_nothing(helm):
@@ -162,7 +209,6 @@ def test_unload_mode_unloads_and_serves_nothing(helm):
 
 
 def test_attach_modes_match_the_cli(helm):
-    import json
     schema = json.loads((REPO / "charts/tcpmon/values.schema.json").read_text())
     assert schema["properties"]["loader"]["properties"]["attach"]["enum"] == ["auto", *attach.MODE_NAMES]
 
@@ -177,6 +223,10 @@ def test_attach_modes_match_the_cli(helm):
     "exporter.logLevel=verbose",
     "pinDir=relative/dir",
     "bogusKey=1",
+    "dashboard.bogusKey=1",
+    "dashboard.label=not_a/valid/label",
+    "prometheusRule.connectFailureRatio=2",
+    "prometheusRule.connectStormFactor=1",
 ])
 def test_schema_rejects_bad_values(helm, bad):
     result = helm_template(helm, bad, check=False)[1]
