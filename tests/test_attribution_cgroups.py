@@ -206,3 +206,13 @@ def test_cgroup_root_flag_picks_the_mount_under_it():
     assert find_cgroup2(parent).path == root
     refused = find_cgroup2("/nonexistent")
     assert refused.path is None and "--cgroup-root /nonexistent" in refused.problem
+
+
+def test_id_zero_has_no_labels_and_is_never_gone():
+    series = Attributor(Config(labels=LABELS)).series("f", [(0, "x", [1])])
+    assert (series.rows, series.gone) == ([(("x", "", "", "", "", "", ""), [1])], 0)
+
+
+def test_an_unreadable_mounts_file_is_a_problem_not_a_crash(tmp_path):
+    attributor = Attributor(Config(labels=LABELS), mounts=str(tmp_path / "missing"))
+    assert attributor.label_names == () and "cannot read" in attributor.problem

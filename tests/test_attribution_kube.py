@@ -292,11 +292,12 @@ def _trust_another_ca(sa, tls_dir):
     (lambda api, sa, lister, tls: setattr(lister, "path", "/api/v1/pods"),
      "403 Forbidden: the service account needs list on pods"),
     (lambda api, sa, lister, tls: setattr(api, "body", b"<html>proxy error</html>"), "not JSON"),
+    (lambda api, sa, lister, tls: setattr(api, "body", b"[" * 200000), "not JSON"),
     (lambda api, sa, lister, tls: setattr(api, "body", b'{"kind":"Status","items":[]}'), "the answer is not a PodList"),
     (lambda api, sa, lister, tls: setattr(lister, "max_response", 1000), "answer larger than 1000 bytes"),
     (lambda api, sa, lister, tls: _trust_another_ca(sa, tls), "TLS: certificate verify failed"),
     (lambda api, sa, lister, tls: (sa / "token").unlink(), "No such file or directory: .*token"),
-], ids=["no field selector", "not json", "not a PodList", "too large", "another CA", "no token"])
+], ids=["no field selector", "not json", "deep json", "not a PodList", "too large", "another CA", "no token"])
 def test_failures_are_one_line_errors(api, serviceaccount, tls_dir, tweak, message):
     lister = _lister(api, serviceaccount)
     tweak(api, serviceaccount, lister, tls_dir)

@@ -27,6 +27,7 @@ class _Verdict:
 
 GONE = _Verdict("GONE")        # the cgroup was removed: its series disappear
 PENDING = _Verdict("PENDING")  # new since the last walk, and walking again must wait
+NO_CGROUP = 0                  # what a probe records when it has no cgroup id: no labels, never gone
 
 
 def _inode_of(cgroup_id):
@@ -102,7 +103,7 @@ class CgroupPaths:
         since = now if since is None else since
         verdicts, unknown = {}, []
         for cgroup_id in cgroup_ids:
-            verdict = self._cached(_inode_of(cgroup_id), now)
+            verdict = "" if cgroup_id == NO_CGROUP else self._cached(_inode_of(cgroup_id), now)
             if verdict is None:
                 unknown.append(cgroup_id)
             else:

@@ -25,7 +25,7 @@ log = logging.getLogger("tcpmon.attribution")
 
 SERVICEACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 TIMEOUT = 2.0                   # seconds for one request, connect to last byte
-MAX_RESPONSE = 64 << 20         # bytes of JSON (after gzip); a node's pods are far fewer
+MAX_RESPONSE = 16 << 20         # bytes of JSON (after gzip); 250 pods are a few MB, parsed ~10x that
 MAX_CONTAINERS = 65536          # index entries kept from one response
 MIN_INTERVAL = 5.0              # seconds between two requests at least
 MAX_BACKOFF = 300.0             # the longest wait after failures, or for a name that stays unknown
@@ -134,8 +134,8 @@ class PodLister:
                 if len(body) > self.max_response:
                     raise KubeError(f"{what}: answer larger than {self.max_response} bytes")
             pods = json.loads(body)
-        except (ValueError, zlib.error) as exc:
-            raise KubeError(f"{what}: not JSON ({exc})") from None
+        except (ValueError, RecursionError, zlib.error) as exc:
+            raise KubeError(f"{what}: not JSON ({str(exc)[:100]})") from None
         if not isinstance(pods, dict) or pods.get("kind") != "PodList" or not isinstance(pods.get("items"), list):
             raise KubeError(f"{what}: the answer is not a PodList")
         return pods

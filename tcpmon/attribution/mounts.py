@@ -44,7 +44,10 @@ def _under(path, root):
 def find_cgroup2(root="auto", mounts=MOUNTS):
     """The cgroup2 mount to map cgroup ids with: the first that shows the whole hierarchy,
     at or under `root` unless root is 'auto'."""
-    found = cgroup2_mounts(mounts)
+    try:
+        found = cgroup2_mounts(mounts)
+    except OSError as exc:
+        return Hierarchy(None, f"cannot read {mounts}: {exc.strerror}: exporting without attribution labels")
     if root != "auto":
         candidates = [path for path in found if _under(path, os.path.normpath(root))]
         where = f" at or under --cgroup-root {root}"
