@@ -51,7 +51,7 @@ $(PKG_BPF_OBJ): build/bpf/$(HOST_ARCH)/tcpconnect.bpf.o
 	@mkdir -p $(@D)
 	cp $< $@
 
-build-all: $(STAMP)/deps-run
+build-all: $(STAMP)/venv
 	for arch in $(ARCHES); do $(MAKE) -C bpf TARGET_ARCH=$$arch || exit 1; done
 	scripts/check-bpf-objects.sh $(foreach arch,$(ARCHES),build/bpf/$(arch)/tcpconnect.bpf.o)
 

@@ -21,6 +21,7 @@ class BuildWithBpfObject(build_py):
 
 
 extensions = [
+    Extension("tcpmon._abi", ["ext/_abi.pyx"], include_dirs=INCLUDE_DIRS),
     Extension("tcpmon._maps", ["ext/_maps.pyx"], include_dirs=INCLUDE_DIRS),
     Extension("tcpmon._render", ["ext/_render.pyx"], include_dirs=INCLUDE_DIRS),
     Extension("tcpmon._libbpf", ["ext/_libbpf.pyx"], include_dirs=INCLUDE_DIRS, libraries=["bpf"]),

@@ -22,17 +22,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from tcpmon import _maps, loader, probe
+from tcpmon import _maps, attach, loader, maps
+from tcpmon.pins import Pins
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = Path(__file__).resolve().parent
 BUILD = ROOT / "build" / "benchmarks"
 PYTHON = sys.executable
 
-MAP_TYPE_HASH = 1
-MAP_TYPE_PERCPU_ARRAY = 6
-PID_VALUE = struct.Struct("=Q16s")
-COMM_LEN = _maps.COMM_LEN
+PID_VALUE = maps.CONNECTS.value.struct
+COMM_LEN = maps.COMM_LEN
 
 # Sizes: (quick mode, make bench).  The scrape of the last ("map") case is timed interleaved with
 # the largest "live" one for the 100k ÷ 10k ratio.
@@ -71,7 +70,7 @@ def timed(benchmark, fn, rounds, warmup=1, setup=None):
 
 def max_pids_for(n):
     """The loader's --max-pids a user would pick for n PIDs: the default, or the next power of two."""
-    size = _maps.DEFAULT_MAX_PIDS
+    size = maps.CONNECTS.default_max_entries
     while size < n:
         size *= 2
     return size
@@ -178,17 +177,18 @@ def synthetic_comm(j):
     return f"synth{j}".encode()
 
 
-def create_production_maps(lib, pin_dir, n_pids, *, max_pids=_maps.DEFAULT_MAX_PIDS, pid_base=1, n_comms=100):
-    """connects, comm_totals and update_failures as the loader pins them, with `n_pids` PIDs
-    (pid_base, pid_base + 1, ...) spread over `n_comms` comms; filled with batch updates.
-    Returns {comm bytes: total} as comm_totals holds it."""
+def create_production_maps(lib, pin_dir, n_pids, *, max_pids=maps.CONNECTS.default_max_entries, pid_base=1, n_comms=100):
+    """Every map as the loader pins it, connects sized `max_pids` and holding `n_pids` PIDs
+    (pid_base, pid_base + 1, ...) spread over `n_comms` comms, comm_totals their totals; filled
+    with batch updates.  Returns {comm bytes: total} as comm_totals holds it."""
     os.makedirs(pin_dir, exist_ok=True)
-    pins = probe.Pins(pin_dir)
-    fds = []
+    pins = Pins(pin_dir)
+    fds = {}
     try:
-        fd = lib.create_map(MAP_TYPE_HASH, _maps.MAP_CONNECTS, _maps.PID_KEY_SIZE, _maps.PID_VALUE_SIZE,
-                            max_pids, pins.map(probe.CONNECTS))
-        fds.append(fd)
+        for spec in maps.MAPS:
+            size = max_pids if spec is maps.CONNECTS else spec.default_max_entries
+            fds[spec.name] = lib.create_map(spec.map_type, spec.name, spec.key_size, spec.value_size, size,
+                                            pins.map(spec))
         keys = struct.pack(f"={n_pids}I", *range(pid_base, pid_base + n_pids))
         totals = {}
         values = bytearray(n_pids * PID_VALUE.size)
@@ -197,19 +197,14 @@ def create_production_maps(lib, pin_dir, n_pids, *, max_pids=_maps.DEFAULT_MAX_P
             PID_VALUE.pack_into(values, i * PID_VALUE.size, connects, comm)
             totals[comm] = totals.get(comm, 0) + connects
         if n_pids:
-            assert lib.update_batch(fd, keys, bytes(values), n_pids, 4, PID_VALUE.size) == n_pids
-        fd = lib.create_map(MAP_TYPE_HASH, _maps.MAP_COMM_TOTALS, _maps.COMM_KEY_SIZE, _maps.COUNTER_SIZE,
-                            _maps.DEFAULT_MAX_COMMS, pins.map(probe.COMM_TOTALS))
-        fds.append(fd)
-        comm_keys = b"".join(comm.ljust(COMM_LEN, b"\0") for comm in totals)
+            assert lib.update_batch(fds["connects"], keys, bytes(values), n_pids, 4, PID_VALUE.size) == n_pids
+        comm_keys = b"".join(maps.comm_key(comm) for comm in totals)
         comm_values = struct.pack(f"={len(totals)}Q", *totals.values())
         if totals:
-            lib.update_batch(fd, comm_keys, comm_values, len(totals), COMM_LEN, 8)
-        fds.append(lib.create_map(MAP_TYPE_PERCPU_ARRAY, _maps.MAP_UPDATE_FAILURES, 4, 8,
-                                  _maps.FAILURE_SLOTS, pins.map(probe.UPDATE_FAILURES)))
+            lib.update_batch(fds["comm_totals"], comm_keys, comm_values, len(totals), COMM_LEN, 8)
         return totals
     finally:
-        for fd in fds:
+        for fd in fds.values():
             lib.close(fd)
 
 
@@ -627,9 +622,9 @@ class NoopPrograms(_OneProgram):
 
 
 def tcpmon_run_time_ns(pin_dir):
-    """Kernel run time of tcpmon's programs (connect + exit) pinned under `pin_dir`."""
-    pins = probe.Pins(pin_dir)
-    return sum(_maps.pinned_prog_info(path)["run_time_ns"] for path in pins.programs())
+    """Kernel run time of tcpmon's programs (connect, outcome, exit) pinned under `pin_dir`."""
+    pins = Pins(pin_dir)
+    return sum(_maps.pinned_prog_info(path)["run_time_ns"] for path in pins.programs() if path.exists())
 
 
 # --- connect rate with the probe toggled under a running loop -------------------------------
@@ -639,7 +634,8 @@ class ProbeToggle(_OneProgram):
     run in a connect loop), attached and detached at will without reloading."""
 
     def __init__(self, mode):
-        super().__init__(loader.default_object(), probe.ATTACH_PROGRAMS[mode], probe.ALL_PROGRAMS)
+        super().__init__(loader.default_object(), attach.BY_NAME[mode].connect.name,
+                         [program.name for program in attach.PROGRAMS])
 
 
 def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):

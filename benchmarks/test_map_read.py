@@ -7,7 +7,8 @@ import pytest
 
 import benchlib
 from benchlib import PID_VALUE, BatchFloor, CtypesPidMap, timed
-from tcpmon import _maps, probe
+from tcpmon import _maps, maps
+from tcpmon.pins import Pins
 
 READERS = ("cython_batch", "cython_iterate", "c_floor", "ctypes_per_key")
 # rounds per (reader, size): the slow readers get fewer
@@ -24,7 +25,7 @@ def filled_map(request, lib):
     benchlib.remove_pin_dir(pin_dir)
     benchlib.create_production_maps(lib, pin_dir, n, max_pids=benchlib.max_pids_for(n))
     expected = {1 + i: (1 + i % 5, benchlib.synthetic_comm(i % 100)) for i in range(n)}
-    yield probe.Pins(pin_dir).map(probe.CONNECTS), expected
+    yield Pins(pin_dir).map(maps.CONNECTS), expected
     benchlib.remove_pin_dir(pin_dir)
 
 
@@ -46,7 +47,7 @@ def test_map_read(filled_map, reader, benchmark, lib, results, request):
     path, expected = filled_map
     n = len(expected)
     with _maps.BpfMap(path) as bpf_map:
-        bpf_map.check_layout(probe.CONNECTS.map_type, probe.CONNECTS.key_size, probe.CONNECTS.value_size)
+        bpf_map.check_layout(maps.CONNECTS.map_type, maps.CONNECTS.key_size, maps.CONNECTS.value_size)
         floor = BatchFloor(lib, bpf_map)
 
         def cython_batch():

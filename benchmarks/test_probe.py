@@ -9,7 +9,8 @@ import pytest
 
 import benchlib
 from benchlib import BPFTRACE_SCRIPTS, Bpftrace, BpfStats, NoopPrograms, connect_loop, timed
-from tcpmon import _maps, loader, probe
+from tcpmon import _maps, attach, loader, maps
+from tcpmon.pins import Pins
 from tcpmon.errors import LoadError
 
 WINDOWS = (1, 10)         # (quick, full) measurement windows per mode
@@ -18,8 +19,8 @@ RATE_SECONDS = (2.0, 16.0)   # per toggled run: (quick, full)
 
 
 def comm_total(pin_dir, comm):
-    with probe.open_map(probe.Pins(pin_dir), probe.COMM_TOTALS) as bpf_map:
-        value = bpf_map.lookup(comm.encode().ljust(_maps.COMM_LEN, b"\0"))
+    with maps.open_map(Pins(pin_dir), maps.COMM_TOTALS) as bpf_map:
+        value = bpf_map.lookup(comm.encode().ljust(maps.COMM_LEN, b"\0"))
     return int.from_bytes(value, "little") if value else 0
 
 
@@ -31,7 +32,7 @@ def try_load(pin_dir, mode):
         return str(exc)
 
 
-@pytest.mark.parametrize("mode", probe.ATTACH_MODES)
+@pytest.mark.parametrize("mode", attach.MODE_NAMES)
 def test_probe_cost(mode, helpers, benchmark, results, full):
     """Windows of N refused connects with tcpmon, bpftrace and an empty program attached together.
     Programs on one tracepoint run in attach order, and the first to run pays the cold cache misses
@@ -125,7 +126,7 @@ def test_connect_rate(helpers, benchmark, results, full):
     procfarm = helpers["procfarm"]
     modes = []
     pin_dir = f"{benchlib.PIN_PREFIX}rate"
-    for mode in probe.ATTACH_MODES:
+    for mode in attach.MODE_NAMES:
         if not isinstance(try_load(pin_dir, mode), str):
             modes.append(mode)
         benchlib.remove_pin_dir(pin_dir)

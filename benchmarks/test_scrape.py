@@ -12,7 +12,8 @@ import pytest
 
 import benchlib
 from benchlib import BatchFloor, Farm, OldAgent, Scraper, timed
-from tcpmon import _maps, loader, probe
+from tcpmon import _maps, loader, maps
+from tcpmon.pins import Pins
 
 ROUNDS = {"tcpmon": {200: 10, 1000: 50, 2000: 10, 10000: 50, 100000: 30},
           "old_agent": {200: 3, 1000: 10, 2000: 3, 10000: 5, 100000: 3}}
@@ -75,7 +76,7 @@ def make_env(kind, n, helpers, lib):
         closers.append(agent.stop)
         scrape = Scraper(exporter.metrics_port)
         closers.append(scrape.close)
-        bpf_map = _maps.BpfMap(probe.Pins(pin_dir).map(probe.CONNECTS))
+        bpf_map = _maps.BpfMap(Pins(pin_dir).map(maps.CONNECTS))
         closers.append(bpf_map.close)
         return ScrapeEnv(kind, n, pin_dir, exporter, agent, scrape, BatchFloor(lib, bpf_map),
                          expected_pids, expected_totals, closers), close_all

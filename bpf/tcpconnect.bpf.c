@@ -1,45 +1,63 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
- * Counts TCP connect attempts per process.  Four interchangeable hooks share
- * one counting body; the loader enables exactly one of them (autoload) plus
- * the exit hook that drops dead PIDs.
+ * Counts TCP connects per process, and how and how fast each one ended.
+ *
+ * Connect (one of four interchangeable hooks; the loader enables exactly one):
+ * counts the attempt per PID, per comm and per (cgroup, comm), and remembers
+ * the socket's start.  Outcome (inet_sock_set_state leaving SYN_SENT): adds the
+ * result and the latency to the socket's (cgroup, comm).  The tp_btf and
+ * tracepoint connect programs sit on that same hook and do both; fentry and
+ * kprobe get an outcome program beside them.  Exit: the last thread of a
+ * process drops its PID, so a reused PID starts at zero.
  */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
 #include <bpf/bpf_core_read.h>
+#include <bpf/bpf_endian.h>
 #include "tcpmon.h"
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
 /* max_entries are defaults; the loader resizes them before load. */
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TCPMON_DEFAULT_MAX_PIDS);
-	__type(key, __u32);
-	__type(value, struct tcpmon_pid_value);
-} connects SEC(".maps");
+#define TCPMON_DEFINE_MAP(name_, type_, key_, value_, max_) \
+	struct {                                           \
+		__uint(type, BPF_MAP_TYPE_##type_);        \
+		__uint(max_entries, max_);                 \
+		__type(key, key_);                         \
+		__type(value, value_);                     \
+	} name_ SEC(".maps");
+TCPMON_MAPS(TCPMON_DEFINE_MAP)
 
-struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, TCPMON_DEFAULT_MAX_COMMS);
-	__type(key, struct tcpmon_comm_key);
-	__type(value, __u64);
-} comm_totals SEC(".maps");
+/* The only read-only data: the loader fills it in, the verifier then prunes
+ * what it turns off. */
+const volatile struct tcpmon_config config = {};
 
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, TCPMON_FAIL_SLOTS);
-	__type(key, __u32);
-	__type(value, __u64);
-} update_failures SEC(".maps");
+/* Initial values of new entries, too big for the BPF stack. */
+static struct tcpmon_outcome_value zero_outcome;
 
 static __always_inline void count_failure(__u32 slot)
 {
-	__u64 *failures = bpf_map_lookup_elem(&update_failures, &slot);
+	struct tcpmon_counter *failures = bpf_map_lookup_elem(&update_failures, &slot);
 
 	if (failures)
-		*failures += 1; /* per-CPU slot: no atomic needed */
+		failures->count += 1; /* per-CPU slot: no atomic needed */
+}
+
+/* The entry under `key`, inserted from `init` if there is none yet; NULL (and
+ * a counted failure) when the map is full.  The one place that handles the race
+ * of two CPUs inserting the same key. */
+static __always_inline void *lookup_or_init(void *map, const void *key, const void *init, __u32 slot)
+{
+	void *value = bpf_map_lookup_elem(map, key);
+
+	if (value)
+		return value;
+	bpf_map_update_elem(map, key, init, BPF_NOEXIST); /* EEXIST: another CPU was first */
+	value = bpf_map_lookup_elem(map, key);
+	if (!value)
+		count_failure(slot);
+	return value;
 }
 
 static __always_inline bool same_comm(const char *a, const char *b)
@@ -49,43 +67,33 @@ static __always_inline bool same_comm(const char *a, const char *b)
 	return x[0] == y[0] && x[1] == y[1];
 }
 
+static __always_inline void copy_comm(char *to, const char *from)
+{
+	__builtin_memcpy(to, from, TCPMON_COMM_LEN);
+}
+
 static __always_inline void count_pid(__u32 tgid, const struct tcpmon_comm_key *comm)
 {
-	struct tcpmon_pid_value *value = bpf_map_lookup_elem(&connects, &tgid);
+	struct tcpmon_pid_key key = { .tgid = tgid };
+	struct tcpmon_pid_value first = {}, *value;
 
-	if (!value) {
-		struct tcpmon_pid_value first = { .connects = 1 };
-
-		__builtin_memcpy(first.comm, comm->comm, TCPMON_COMM_LEN);
-		if (!bpf_map_update_elem(&connects, &tgid, &first, BPF_NOEXIST))
-			return;
-		/* Another thread of this process may have inserted first. */
-		value = bpf_map_lookup_elem(&connects, &tgid);
-		if (!value) {
-			count_failure(TCPMON_FAIL_CONNECTS);
-			return;
-		}
-	}
+	copy_comm(first.comm, comm->comm);
+	value = lookup_or_init(&connects, &key, &first, TCPMON_FAIL_CONNECTS);
+	if (!value)
+		return;
 	__atomic_add_fetch(&value->connects, 1, __ATOMIC_RELAXED);
 	/* After exec the PID keeps its count but shows its new name. */
 	if (!same_comm(value->comm, comm->comm))
-		__builtin_memcpy(value->comm, comm->comm, TCPMON_COMM_LEN);
+		copy_comm(value->comm, comm->comm);
 }
 
 static __always_inline void count_comm(const struct tcpmon_comm_key *comm)
 {
-	__u64 one = 1, *total = bpf_map_lookup_elem(&comm_totals, comm);
+	struct tcpmon_counter zero = {}, *total;
 
-	if (!total) {
-		if (!bpf_map_update_elem(&comm_totals, comm, &one, BPF_NOEXIST))
-			return;
-		total = bpf_map_lookup_elem(&comm_totals, comm);
-		if (!total) {
-			count_failure(TCPMON_FAIL_COMM_TOTALS);
-			return;
-		}
-	}
-	__atomic_add_fetch(total, 1, __ATOMIC_RELAXED);
+	total = lookup_or_init(&comm_totals, comm, &zero, TCPMON_FAIL_COMM_TOTALS);
+	if (total)
+		__atomic_add_fetch(&total->count, 1, __ATOMIC_RELAXED);
 }
 
 /* The bytes of a little-endian comm word before its first NUL (the kernel may
@@ -123,60 +131,275 @@ static __always_inline __u32 current_task(struct tcpmon_comm_key *comm)
 	return bpf_get_current_pid_tgid() >> 32;
 }
 
-/* Runs in the context of the task calling connect(). */
-static __always_inline int count_connect(void)
+static __always_inline void start_socket(__u64 sk, __u32 tgid, __u64 cgroup_id,
+					 const struct tcpmon_comm_key *comm)
+{
+	struct tcpmon_socket_key key = { .sk = sk };
+	struct tcpmon_socket_value start = {
+		.start_ns = bpf_ktime_get_ns(), .cgroup_id = cgroup_id, .tgid = tgid,
+	};
+
+	copy_comm(start.comm, comm->comm);
+	/* BPF_ANY: an entry left by an earlier socket at this address is stale */
+	if (bpf_map_update_elem(&sockets, &key, &start, BPF_ANY))
+		count_failure(TCPMON_FAIL_SOCKETS);
+}
+
+static __always_inline struct tcpmon_outcome_value *outcome_of(__u64 cgroup_id, const char *comm)
+{
+	struct tcpmon_outcome_key key = { .cgroup_id = cgroup_id };
+
+	copy_comm(key.comm, comm);
+	return lookup_or_init(&outcomes, &key, &zero_outcome, TCPMON_FAIL_OUTCOMES);
+}
+
+/* Runs in the context of the task calling connect(); `sk` is its socket. */
+static __always_inline int count_connect(__u64 sk)
 {
 	struct tcpmon_comm_key comm = {};
 	__u32 tgid = current_task(&comm);
+	__u64 cgroup_id = bpf_get_current_cgroup_id();
+	struct tcpmon_outcome_value *outcome;
 
 	count_pid(tgid, &comm);
 	count_comm(&comm);
+	start_socket(sk, tgid, cgroup_id, &comm);
+	outcome = outcome_of(cgroup_id, comm.comm);
+	if (outcome)
+		__atomic_add_fetch(&outcome->attempts, 1, __ATOMIC_RELAXED);
 	return 0;
 }
 
-static __always_inline bool is_tcp_connect(int oldstate, int newstate, __u16 protocol)
+/* How a handshake that left SYN_SENT for `newstate` ended, from the socket's error. */
+static __always_inline __u32 result_of(int newstate, int err)
 {
-	return oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT && protocol == IPPROTO_TCP;
+	if (newstate != TCP_CLOSE)
+		return TCPMON_RESULT_SUCCESS; /* ESTABLISHED, or SYN_RECV in a simultaneous open */
+	switch (err) {
+	case 0:
+		return TCPMON_RESULT_ABORTED; /* closed (or disconnected) by the application */
+	case ECONNREFUSED:
+		return TCPMON_RESULT_REFUSED;
+	case ETIMEDOUT:
+		return TCPMON_RESULT_TIMEOUT;
+	case EHOSTUNREACH:
+	case ENETUNREACH:
+		return TCPMON_RESULT_UNREACHABLE;
+	default:
+		return TCPMON_RESULT_OTHER;
+	}
 }
 
-SEC("kprobe/tcp_connect")
-int connect_kprobe(void *ctx)
+static __always_inline __u32 log2_u32(__u32 v)
 {
-	return count_connect();
+	__u32 shift, r;
+
+	r = (v > 0xFFFF) << 4;
+	v >>= r;
+	shift = (v > 0xFF) << 3;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0xF) << 2;
+	v >>= shift;
+	r |= shift;
+	shift = (v > 0x3) << 1;
+	v >>= shift;
+	r |= shift;
+	return r | (v >> 1);
 }
 
-SEC("fentry/tcp_connect")
-int BPF_PROG(connect_fentry)
+static __always_inline __u32 latency_slot(__u64 ns)
 {
-	return count_connect();
+	__u64 us = ns / 1000;
+	__u32 slot;
+
+	if (us >> 32)
+		return TCPMON_LATENCY_SLOTS - 1;
+	slot = log2_u32(us);
+	return slot < TCPMON_LATENCY_SLOTS ? slot : TCPMON_LATENCY_SLOTS - 1;
+}
+
+static __always_inline bool ephemeral(__u16 port)
+{
+	return port >= config.ephemeral_low && port <= config.ephemeral_high;
+}
+
+/* `dest` holds the remote address, port and family; the rest is filled in here. */
+static __always_inline void count_destination(struct tcpmon_destination_key *dest,
+					      const struct tcpmon_outcome_key *of, __u32 result)
+{
+	struct tcpmon_counter zero = {}, *count;
+
+	if (ephemeral(dest->port))
+		return;
+	dest->cgroup_id = of->cgroup_id;
+	copy_comm(dest->comm, of->comm);
+	dest->result = result;
+	count = lookup_or_init(&destinations, dest, &zero, TCPMON_FAIL_DESTINATIONS);
+	if (count)
+		__atomic_add_fetch(&count->count, 1, __ATOMIC_RELAXED);
+}
+
+/* The handshake of socket `sk` ended: add its result and latency to the
+ * (cgroup, comm) that started it.  `dest` is NULL unless destinations are counted. */
+static __always_inline int count_outcome(__u64 sk, __u32 result, struct tcpmon_destination_key *dest)
+{
+	struct tcpmon_socket_key key = { .sk = sk };
+	struct tcpmon_socket_value *start = bpf_map_lookup_elem(&sockets, &key);
+	struct tcpmon_outcome_key of = {};
+	struct tcpmon_outcome_value *outcome;
+	__u64 duration;
+
+	if (!start)
+		return 0; /* started before the probe was attached, or not stored (counted) */
+	duration = bpf_ktime_get_ns() - start->start_ns;
+	of.cgroup_id = start->cgroup_id;
+	copy_comm(of.comm, start->comm);
+	bpf_map_delete_elem(&sockets, &key);
+	if (result >= TCPMON_RESULT_COUNT)
+		result = TCPMON_RESULT_OTHER;
+	if (dest)
+		count_destination(dest, &of, result);
+	outcome = lookup_or_init(&outcomes, &of, &zero_outcome, TCPMON_FAIL_OUTCOMES);
+	if (!outcome)
+		return 0;
+	__atomic_add_fetch(&outcome->results[result], 1, __ATOMIC_RELAXED);
+	if (result == TCPMON_RESULT_SUCCESS) {
+		__atomic_add_fetch(&outcome->duration_ns, duration, __ATOMIC_RELAXED);
+		__atomic_add_fetch(&outcome->latency[latency_slot(duration)], 1, __ATOMIC_RELAXED);
+	}
+	return 0;
+}
+
+/* --- tp_btf: the socket is a BTF pointer; reading it needs no helper ---------- */
+
+static __always_inline struct tcpmon_destination_key *remote_of_btf(const struct sock *sk,
+								     struct tcpmon_destination_key *dest)
+{
+	if (!config.count_destinations)
+		return NULL;
+	dest->family = sk->__sk_common.skc_family;
+	dest->port = bpf_ntohs(sk->__sk_common.skc_dport);
+	if (dest->family == AF_INET6)
+		__builtin_memcpy(dest->addr, sk->__sk_common.skc_v6_daddr.s6_addr, 16);
+	else
+		__builtin_memcpy(dest->addr, &sk->__sk_common.skc_daddr, 4);
+	return dest;
+}
+
+static __always_inline int finish_btf(const struct sock *sk, int newstate)
+{
+	struct tcpmon_destination_key dest = {};
+
+	return count_outcome((__u64)sk, result_of(newstate, newstate == TCP_CLOSE ? sk->sk_err : 0),
+			     remote_of_btf(sk, &dest));
+}
+
+/* The states are arguments: filter on them before touching the socket. */
+static __always_inline bool leaves_syn_sent(int oldstate, int newstate)
+{
+	return oldstate == TCP_SYN_SENT && newstate != TCP_SYN_SENT;
 }
 
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(connect_tp_btf, const struct sock *sk, int oldstate, int newstate)
 {
-	if (!is_tcp_connect(oldstate, newstate, sk->sk_protocol))
-		return 0;
-	return count_connect();
+	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT) {
+		if (sk->sk_protocol != IPPROTO_TCP)
+			return 0;
+		return count_connect((__u64)sk);
+	}
+	if (leaves_syn_sent(oldstate, newstate) && sk->sk_protocol == IPPROTO_TCP)
+		return finish_btf(sk, newstate);
+	return 0;
+}
+
+/* Beside fentry: outcomes only. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(outcome_tp_btf, const struct sock *sk, int oldstate, int newstate)
+{
+	if (leaves_syn_sent(oldstate, newstate) && sk->sk_protocol == IPPROTO_TCP)
+		return finish_btf(sk, newstate);
+	return 0;
+}
+
+SEC("fentry/tcp_connect")
+int BPF_PROG(connect_fentry, struct sock *sk)
+{
+	return count_connect((__u64)sk);
+}
+
+/* --- tracepoint: the event record carries the addresses; the socket is read through a helper */
+
+static __always_inline struct tcpmon_destination_key *remote_of_tp(const struct trace_event_raw_inet_sock_set_state *ctx,
+								    struct tcpmon_destination_key *dest)
+{
+	if (!config.count_destinations)
+		return NULL;
+	dest->family = ctx->family;
+	dest->port = ctx->dport; /* host order in the record */
+	if (dest->family == AF_INET6)
+		__builtin_memcpy(dest->addr, ctx->daddr_v6, 16);
+	else
+		__builtin_memcpy(dest->addr, ctx->daddr, 4);
+	return dest;
+}
+
+/* The states are read from the record once: clang may otherwise compute the
+ * field's address into a register, and the verifier refuses a moved ctx pointer. */
+static __always_inline int finish_tp(const struct trace_event_raw_inet_sock_set_state *ctx, int newstate)
+{
+	const struct sock *sk = ctx->skaddr;
+	struct tcpmon_destination_key dest = {};
+	int err = 0;
+
+	if (newstate == TCP_CLOSE)
+		err = BPF_CORE_READ(sk, sk_err);
+	return count_outcome((__u64)sk, result_of(newstate, err), remote_of_tp(ctx, &dest));
 }
 
 SEC("tracepoint/sock/inet_sock_set_state")
 int connect_tp(struct trace_event_raw_inet_sock_set_state *ctx)
 {
-	if (!is_tcp_connect(ctx->oldstate, ctx->newstate, ctx->protocol))
+	int oldstate = ctx->oldstate, newstate = ctx->newstate;
+
+	if (ctx->protocol != IPPROTO_TCP)
 		return 0;
-	return count_connect();
+	if (oldstate == TCP_CLOSE && newstate == TCP_SYN_SENT)
+		return count_connect((__u64)ctx->skaddr);
+	if (leaves_syn_sent(oldstate, newstate))
+		return finish_tp(ctx, newstate);
+	return 0;
 }
 
-/* The last thread of a process drops its PID, so a reused PID starts at zero. */
+/* Beside kprobe: outcomes only. */
+SEC("tracepoint/sock/inet_sock_set_state")
+int outcome_tp(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	int oldstate = ctx->oldstate, newstate = ctx->newstate;
+
+	if (ctx->protocol == IPPROTO_TCP && leaves_syn_sent(oldstate, newstate))
+		return finish_tp(ctx, newstate);
+	return 0;
+}
+
+SEC("kprobe/tcp_connect")
+int connect_kprobe(struct pt_regs *ctx)
+{
+	return count_connect((__u64)PT_REGS_PARM1(ctx)); /* tcp_connect(struct sock *sk) */
+}
+
+/* --- exit ----------------------------------------------------------------- */
+
 static __always_inline int drop_exited_process(void)
 {
 	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	__u32 tgid;
+	struct tcpmon_pid_key key;
 
 	if (BPF_CORE_READ(task, signal, live.counter) != 0)
 		return 0;
-	tgid = bpf_get_current_pid_tgid() >> 32;
-	bpf_map_delete_elem(&connects, &tgid);
+	key.tgid = bpf_get_current_pid_tgid() >> 32;
+	bpf_map_delete_elem(&connects, &key);
 	return 0;
 }
 

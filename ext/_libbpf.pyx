@@ -5,6 +5,7 @@ Every failing call raises LibbpfError with the call, the errno and what
 libbpf logged while it ran (the verifier log included).
 """
 from libc.errno cimport errno
+from libc.stdlib cimport free
 
 from libbpf_api cimport *
 
@@ -17,11 +18,15 @@ cdef bint _debug = False
 
 
 cdef int _collect(libbpf_print_level level, const char *fmt, va_list args) noexcept with gil:
-    cdef char line[1024]
+    cdef char *message = NULL
     if level == LIBBPF_DEBUG and not _debug:
         return 0
-    vsnprintf(line, sizeof(line), fmt, args)
-    _log.append(line.decode("utf-8", "replace").rstrip("\n"))
+    if vasprintf(&message, fmt, args) < 0:
+        return 0
+    try:
+        _log.append(message.decode("utf-8", "replace").rstrip("\n"))
+    finally:
+        free(message)
     return 0
 
 
@@ -108,6 +113,11 @@ cdef class BpfObject:
         """load() then reuses a compatible map pinned at `path`, or creates and pins one."""
         check(bpf_map__set_pin_path(self._map(map_name), os.fsencode(path)),
               "bpf_map__set_pin_path", map_name)
+
+    def set_rodata(self, bytes data):
+        """The program's read-only data (its `const volatile` globals), set before load()."""
+        check(bpf_map__set_initial_value(self._map(".rodata"), <const char *>data, len(data)),
+              "bpf_map__set_initial_value", f".rodata of {self.path} ({len(data)} bytes)")
 
     def load(self):
         take_log()

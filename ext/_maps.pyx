@@ -9,30 +9,11 @@ from rawbpf cimport *
 
 import os
 
-from tcpmon.errors import MapLayoutError, bpf_error
+from tcpmon.errors import ENOTSUPP as _ENOTSUPP, MapLayoutError, bpf_error
 
 # Kernel-internal errno that BPF_MAP_LOOKUP_BATCH returns for maps without batch support.
-cdef int ENOTSUPP = 524  # tcpmon.errors.ENOTSUPP
+cdef int ENOTSUPP = _ENOTSUPP
 cdef int BATCH_UNSUPPORTED = 1
-
-# The ABI, as bpf/tcpmon.h defines it.
-COMM_LEN = TCPMON_COMM_LEN
-PID_KEY_SIZE = sizeof(uint32_t)
-PID_VALUE_SIZE = sizeof(tcpmon_pid_value)
-COMM_KEY_SIZE = sizeof(tcpmon_comm_key)
-COUNTER_SIZE = sizeof(uint64_t)
-FAILURE_SLOTS = TCPMON_FAIL_SLOTS
-FAIL_CONNECTS = TCPMON_FAIL_CONNECTS
-FAIL_COMM_TOTALS = TCPMON_FAIL_COMM_TOTALS
-DEFAULT_MAX_PIDS = TCPMON_DEFAULT_MAX_PIDS
-DEFAULT_MAX_COMMS = TCPMON_DEFAULT_MAX_COMMS
-MAP_CONNECTS = TCPMON_MAP_CONNECTS.decode()
-MAP_COMM_TOTALS = TCPMON_MAP_COMM_TOTALS.decode()
-MAP_UPDATE_FAILURES = TCPMON_MAP_UPDATE_FAILURES.decode()
-PIN_CONNECT_LINK = TCPMON_PIN_CONNECT_LINK.decode()
-PIN_EXIT_LINK = TCPMON_PIN_EXIT_LINK.decode()
-PIN_CONNECT_PROG = TCPMON_PIN_CONNECT_PROG.decode()
-PIN_EXIT_PROG = TCPMON_PIN_EXIT_PROG.decode()
 
 MAP_TYPE_HASH = BPF_MAP_TYPE_HASH
 MAP_TYPE_ARRAY = BPF_MAP_TYPE_ARRAY
@@ -166,8 +147,8 @@ cdef class BpfMap:
     def fileno(self):
         return self.fd
 
-    def check_layout(self, unsigned int map_type, unsigned int key_size, unsigned int value_size):
-        """Raise MapLayoutError naming every difference from the layout tcpmon expects."""
+    def layout_differences(self, unsigned int map_type, unsigned int key_size, unsigned int value_size):
+        """Every way this map differs from the given layout, as text; empty when it matches."""
         diffs = []
         if self.map_type != map_type:
             diffs.append(f"type {map_type_name(self.map_type)}, expected {map_type_name(map_type)}")
@@ -175,6 +156,11 @@ cdef class BpfMap:
             diffs.append(f"key size {self.key_size}, expected {key_size}")
         if self.value_size != value_size:
             diffs.append(f"value size {self.value_size}, expected {value_size}")
+        return diffs
+
+    def check_layout(self, unsigned int map_type, unsigned int key_size, unsigned int value_size):
+        """Raise MapLayoutError naming every difference from the layout tcpmon expects."""
+        diffs = self.layout_differences(map_type, key_size, value_size)
         if diffs:
             raise MapLayoutError(f"pinned map {self.path} has {', '.join(diffs)}: "
                                  "run 'tcpmon unload' and load again")

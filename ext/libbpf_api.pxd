@@ -8,7 +8,8 @@ cdef extern from "<stdarg.h>":
 
 
 cdef extern from "<stdio.h>" nogil:
-    int vsnprintf(char *out, size_t size, const char *fmt, va_list args)
+    # GNU: allocates the whole message (a verifier log can be megabytes)
+    int vasprintf(char **out, const char *fmt, va_list args)
 
 
 cdef extern from "<bpf/libbpf.h>" nogil:
@@ -45,6 +46,7 @@ cdef extern from "<bpf/libbpf.h>" nogil:
 
     int bpf_map__set_max_entries(bpf_map *map, uint32_t max_entries)
     int bpf_map__set_pin_path(bpf_map *map, const char *path)
+    int bpf_map__set_initial_value(bpf_map *map, const void *data, size_t size)
     int bpf_map__unpin(bpf_map *map, const char *path)
 
     int bpf_link__pin(bpf_link *link, const char *path)

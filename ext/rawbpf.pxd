@@ -86,28 +86,21 @@ cdef extern from "<linux/bpf.h>":
         uint32_t prog_id
 
 
+# The ABI structs the hot loops index (their layout comes from the header's lists;
+# tcpmon._abi has every field of every struct as data).
 cdef extern from "tcpmon.h":
     enum:
         TCPMON_COMM_LEN
-        TCPMON_FAIL_SLOTS
-        TCPMON_FAIL_CONNECTS
-        TCPMON_FAIL_COMM_TOTALS
-        TCPMON_DEFAULT_MAX_PIDS
-        TCPMON_DEFAULT_MAX_COMMS
-    const char *TCPMON_MAP_CONNECTS
-    const char *TCPMON_MAP_COMM_TOTALS
-    const char *TCPMON_MAP_UPDATE_FAILURES
-    const char *TCPMON_PIN_CONNECT_LINK
-    const char *TCPMON_PIN_EXIT_LINK
-    const char *TCPMON_PIN_CONNECT_PROG
-    const char *TCPMON_PIN_EXIT_PROG
 
     struct tcpmon_pid_value:
         uint64_t connects
-        char comm[16]
+        char comm[TCPMON_COMM_LEN]
 
     struct tcpmon_comm_key:
-        char comm[16]
+        char comm[TCPMON_COMM_LEN]
+
+    struct tcpmon_counter:
+        uint64_t count
 
 
 cdef inline int sys_bpf(int cmd, bpf_attr *attr, unsigned int size) noexcept nogil:

@@ -238,7 +238,7 @@ class Guest:
             samples[key] = float(match["value"])
             if match["name"] == "tcp_connects_by_pid" and labels.get("pid") == str(pid):
                 found = float(match["value"])
-            elif "pid" not in labels and match["name"].endswith("_total") and "connect" in match["name"]:
+            elif match["name"] == "tcpmon_connect_attempts_total":
                 # the per-comm total: the maps are fresh for every mode, so it is N too
                 result["comm_total"] = float(match["value"])
         if found is None:

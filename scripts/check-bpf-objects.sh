@@ -12,17 +12,22 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 
-# The loader's contract with the object (ext/_libbpf.pyx, tcpmon/ loader):
-# "section program" for every program, and every map by name.
-PROGRAMS=(
-	"kprobe/tcp_connect connect_kprobe"
-	"fentry/tcp_connect connect_fentry"
-	"tp_btf/inet_sock_set_state connect_tp_btf"
-	"tracepoint/sock/inet_sock_set_state connect_tp"
-	"tracepoint/sched/sched_process_exit process_exit"
-	"tp_btf/sched_process_exit process_exit_btf"
-)
-MAPS=(connects comm_totals update_failures)
+# The loader's contract with the object, from tcpmon's own description of it
+# (tcpmon/contract.py: every program in its section, every map, the .rodata size).
+python=${PYTHON:-$root/.venv/bin/python}
+if ! contract=$("$python" -m tcpmon.contract 2>&1); then
+	echo "check-bpf-objects: cannot read the loader's contract ($python -m tcpmon.contract): ${contract##*$'\n'}: run 'make build'" >&2
+	exit 2
+fi
+PROGRAMS=()
+MAPS=()
+while read -r kind a b; do
+	case $kind in
+	program) PROGRAMS+=("$a $b") ;;
+	map) MAPS+=("$a") ;;
+	rodata) RODATA_SIZE=$a ;;
+	esac
+done <<<"$contract"
 
 quiet=0
 if [ "${1:-}" = "-q" ]; then
@@ -81,6 +86,10 @@ check_object() {
 	for name in "${MAPS[@]}"; do
 		grep -Fq "VAR '$name' " <<<"$btf" || { echo "$obj: BTF has no map $name"; problems=$((problems + 1)); }
 	done
+	rodata=$(llvm-objdump --section-headers "$obj" | awk '$2 == ".rodata" { print $3 }')
+	[ -z "$rodata" ] || rodata=$((16#$rodata))
+	[ "$rodata" = "$RODATA_SIZE" ] ||
+		{ echo "$obj: .rodata is ${rodata:-missing} bytes, the loader sets $RODATA_SIZE (struct tcpmon_config)"; problems=$((problems + 1)); }
 	return "$problems"
 }
 

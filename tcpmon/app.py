@@ -23,9 +23,9 @@ def _reply(status, body, content_type="text/plain; charset=utf-8"):
     return status, [("Content-Type", content_type)], body
 
 
-def _metrics(collector, environ):
+def _metrics(collector, render, environ):
     openmetrics = exposition.wants_openmetrics(environ.get("HTTP_ACCEPT"))
-    body = exposition.render(collector.snapshot(), openmetrics=openmetrics)
+    body = render(collector.snapshot(), openmetrics=openmetrics)
     content_type = exposition.CONTENT_TYPE_OPENMETRICS if openmetrics else exposition.CONTENT_TYPE_TEXT
     return _reply("200 OK", body, content_type)
 
@@ -58,9 +58,10 @@ def _health(collector, environ):
     return _reply(status, json.dumps(report) + "\n", "application/json")
 
 
-def make_app(collector, metrics_port=None, health_port=None):
-    """The WSGI callable.  With equal (or unknown) ports every path is served on every port."""
-    metrics_routes = {"/metrics": partial(_metrics, collector), "/": _index}
+def make_app(collector, metrics_port=None, health_port=None, render=exposition.render):
+    """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
+    `render(snapshot, openmetrics=...)` makes the /metrics body."""
+    metrics_routes = {"/metrics": partial(_metrics, collector, render), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector),
                      "/health": partial(_health, collector)}
     all_routes = {**metrics_routes, **health_routes}

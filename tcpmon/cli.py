@@ -7,15 +7,14 @@ import argparse
 import json
 import logging
 import os
-import struct
 import sys
 
-from tcpmon import __version__, probe
+from tcpmon import __version__, attach, maps, state
 from tcpmon.errors import TcpmonError, describe
+from tcpmon.pins import DEFAULT_PIN_DIR, Pins
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _READ_MODES = ("auto", "batch", "iterate")
-_PID_ENTRY = struct.Struct("=Q16s")
 
 
 def _env(flag):
@@ -76,17 +75,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _common(parser):
-    _option(parser, "--pin-dir", probe.DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
+    _option(parser, "--pin-dir", DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
     _option(parser, "--log-level", "info", "log verbosity", choices=_LOG_LEVELS)
 
 
 def _load_options(parser):
     _option(parser, "--attach", "auto", "connect hook; auto tries fentry, kprobe, tp_btf, tracepoint in order",
-            choices=("auto",) + probe.ATTACH_MODES)
+            choices=("auto",) + attach.MODE_NAMES)
     _option(parser, "--bpf-object", None, "BPF object to load (default: the one shipped in the package)")
     _option(parser, "--max-pids", None, "capacity of the per-PID map (processes with connects alive at once)",
             type=_positive_int)
     _option(parser, "--max-comms", None, "capacity of the per-comm totals map", type=_positive_int)
+    _option(parser, "--max-sockets", None, "capacity of the map of connects in flight", type=_positive_int)
+    _option(parser, "--max-outcomes", None, "capacity of the per (cgroup, comm) outcome map", type=_positive_int)
+    _switch(parser, "--destinations", "also count connects per remote address and port")
+    _option(parser, "--max-destinations", None, "capacity of the destinations map", type=_positive_int)
 
 
 def _labels(text):
@@ -125,6 +128,7 @@ def _serve_options(parser):
     _option(parser, "--threads", 8, "threads per worker", type=_positive_int)
     _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
             choices=_READ_MODES)
+    _option(parser, "--networks", None, "NAME=CIDR,... naming remote networks in tcpmon_connect_destinations_total")
     _attribution_options(parser)
 
 
@@ -149,9 +153,10 @@ def build_parser():
     _common(status)
     _switch(status, "--json", "print JSON")
 
-    dump = command("dump", "print one read of the per-PID map")
+    dump = command("dump", "print one read of a pinned map (default: the per-PID map)")
     _common(dump)
     _switch(dump, "--json", "print JSON")
+    _option(dump, "--map", maps.CONNECTS.name, "the map to print", choices=tuple(maps.BY_NAME))
     _option(dump, "--read-mode", "auto", "map read method", choices=_READ_MODES)
 
     serve = command("serve", "serve /metrics and health (needs only CAP_BPF)")
@@ -168,7 +173,11 @@ def build_parser():
 def cmd_load(args):
     from tcpmon import loader
     result = loader.load(args.pin_dir, args.attach, args.bpf_object, args.max_pids, args.max_comms,
-                         foreground=getattr(args, "foreground", False))
+                         foreground=getattr(args, "foreground", False), max_sockets=args.max_sockets,
+                         max_outcomes=args.max_outcomes, destinations=args.destinations,
+                         max_destinations=args.max_destinations)
+    for line in result.migrated:
+        print(f"tcpmon: {line}")
     if result.already_loaded:
         print(f"tcpmon: already attached in mode {result.mode} under {result.pin_dir}")
     else:
@@ -190,24 +199,24 @@ def cmd_unload(args):
 
 def _fill(pins, spec):
     try:
-        with probe.open_map(pins, spec) as bpf_map:
+        with maps.open_map(pins, spec) as bpf_map:
             return {"entries": bpf_map.read(), "max_entries": bpf_map.max_entries}
     except (TcpmonError, OSError) as exc:
         return {"error": describe(exc)}
 
 
 def cmd_status(args):
-    pins = probe.Pins(args.pin_dir)
-    state = probe.inspect(pins)
-    report = {"pin_dir": str(pins.dir), "attached": state.attached, "attach_mode": state.mode,
-              "problem": state.problem, "programs": state.programs, "links": state.links,
-              "maps": {spec.name: _fill(pins, spec) for spec in (probe.CONNECTS, probe.COMM_TOTALS)},
-              "bpf_stats_enabled": probe.bpf_stats_enabled()}
+    pins = Pins(args.pin_dir)
+    probe_state = state.inspect(pins)
+    report = {"pin_dir": str(pins.dir), "attached": probe_state.attached, "attach_mode": probe_state.mode,
+              "problem": probe_state.problem, "programs": probe_state.programs, "links": probe_state.links,
+              "maps": {spec.name: _fill(pins, spec) for spec in maps.MAPS if not spec.per_cpu},
+              "bpf_stats_enabled": state.bpf_stats_enabled()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         _print_status(report)
-    return 0 if state.attached else 3
+    return 0 if probe_state.attached else 3
 
 
 def _print_status(report):
@@ -225,33 +234,42 @@ def _print_status(report):
     print(f"bpf stats:   {'on' if report['bpf_stats_enabled'] else 'off (sysctl -w kernel.bpf_stats_enabled=1)'}")
 
 
+def read_entries(pin_dir, spec, read_mode="auto"):
+    """[{field: value}] of one read of `spec`'s map, key fields first; comms as their labels,
+    addresses as text, per-CPU values summed."""
+    from tcpmon.dumping import readable
+    with maps.open_map(Pins(pin_dir), spec) as bpf_map:
+        bpf_map.read(read_mode)
+        return [readable({**key, **value}) for key, value in spec.entries(bpf_map)]
+
+
 def read_pid_entries(pin_dir, read_mode="auto"):
     """[{pid, comm, connects}] from one read of the per-PID map, sorted by pid."""
-    from tcpmon._render import comm_label
-    with probe.open_map(probe.Pins(pin_dir), probe.CONNECTS) as bpf_map:
-        count = bpf_map.read(read_mode)
-        pids = struct.unpack(f"={count}I", bpf_map.keys)
-        values = _PID_ENTRY.iter_unpack(bpf_map.values)
-        entries = [{"pid": pid, "comm": comm_label(comm), "connects": connects}
-                   for pid, (connects, comm) in zip(pids, values)]
+    entries = [{"pid": entry["tgid"], "comm": entry["comm"], "connects": entry["connects"]}
+               for entry in read_entries(pin_dir, maps.CONNECTS, read_mode)]
     return sorted(entries, key=lambda entry: entry["pid"])
 
 
 def cmd_dump(args):
-    entries = read_pid_entries(args.pin_dir, args.read_mode)
+    if args.map == maps.CONNECTS.name:
+        entries = read_pid_entries(args.pin_dir, args.read_mode)
+    else:
+        entries = sorted(read_entries(args.pin_dir, maps.BY_NAME[args.map], args.read_mode),
+                         key=lambda entry: json.dumps(entry, sort_keys=True))
     if args.json:
         print(json.dumps(entries))
         return 0
-    print(f"{'PID':>8}  {'COMM':<16}  CONNECTS")
-    for entry in entries:
-        print(f"{entry['pid']:>8}  {entry['comm']:<16}  {entry['connects']}")
+    from tcpmon.dumping import table
+    print(table(entries))
     return 0
 
 
 def cmd_serve(args):
     from tcpmon.server import Exporter
+    from tcpmon.destinations import parse_networks
     Exporter(args.pin_dir, args.metrics_addr, args.health_addr, workers=args.workers,
-             threads=args.threads, log_level=args.log_level, read_mode=args.read_mode).run()
+             threads=args.threads, log_level=args.log_level, read_mode=args.read_mode,
+             networks=parse_networks(args.networks)).run()
     return 0
 
 

@@ -6,19 +6,19 @@ replaced by unload + load is reopened on the next scrape.
 """
 import logging
 import os
-import struct
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tcpmon import probe
+from tcpmon import maps, state
 from tcpmon.errors import describe
+from tcpmon.pins import DEFAULT_PIN_DIR, Pins
 
 log = logging.getLogger("tcpmon.collector")
 
-_PER_CPU_COUNTER = struct.Struct("=Q")
-_SLOT = struct.Struct("=I")
+# What a scrape reads.  `sockets` only holds connects in flight: status and dump show it.
+SCRAPED = (maps.CONNECTS, maps.COMM_TOTALS, maps.OUTCOMES, maps.DESTINATIONS, maps.UPDATE_FAILURES)
 
 
 @dataclass(frozen=True)
@@ -28,23 +28,36 @@ class MapRead:
     values: bytes
     count: int
     max_entries: int
+    value_stride: int
 
 
 @dataclass(frozen=True)
 class Snapshot:
-    connects: MapRead = None        # None: the map could not be read (see read_errors)
-    comm_totals: MapRead = None
-    update_failures: dict = None    # map name -> failed inserts summed over CPUs
+    reads: dict = field(default_factory=dict)        # map name -> MapRead; absent: it could not be read
+    update_failures: dict = None                      # map name -> connects it had no room for
     read_errors: dict = field(default_factory=dict)  # map name -> failed reads since start
-    probe_state: probe.ProbeState = None
+    probe_state: state.ProbeState = None
     bpf_stats_enabled: bool = False
     duration: float = 0.0
     last_error: str = None
 
+    @property
+    def connects(self):
+        return self.reads.get(maps.CONNECTS.name)
+
+    @property
+    def comm_totals(self):
+        return self.reads.get(maps.COMM_TOTALS.name)
+
+    def entries(self, spec):
+        """Decoded (key, value) dicts of `spec`'s map; empty when it was not read."""
+        read = self.reads.get(spec.name)
+        return spec.entries(read) if read else ()
+
 
 class Collector:
-    def __init__(self, pin_dir=probe.DEFAULT_PIN_DIR, read_mode="auto"):
-        self.pins = probe.Pins(pin_dir)
+    def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto"):
+        self.pins = Pins(pin_dir)
         self.read_mode = read_mode
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
@@ -73,12 +86,12 @@ class Collector:
 
     def readiness_problem(self):
         """Why the exporter is not ready (no probe attached, map missing or wrong), or None."""
-        state = probe.inspect(self.pins)
-        if not state.attached:
-            return state.problem
+        probe_state = state.inspect(self.pins)
+        if not probe_state.attached:
+            return probe_state.problem
         try:
             # A map of its own: the scrape thread may be reading (or reopening) the cached one.
-            probe.open_map(self.pins, probe.CONNECTS).close()
+            maps.open_map(self.pins, maps.CONNECTS).close()
         except Exception as exc:
             return describe(exc)
         return None
@@ -102,7 +115,7 @@ class Collector:
         if cached:
             cached[0].close()
             del self._open[spec.name]
-        bpf_map = probe.open_map(self.pins, spec)
+        bpf_map = maps.open_map(self.pins, spec)
         self._open[spec.name] = (bpf_map, identity)
         return bpf_map
 
@@ -110,23 +123,11 @@ class Collector:
         try:
             bpf_map = self._map(spec)
             count = bpf_map.read(self.read_mode)
-            return MapRead(bytes(bpf_map.keys), bytes(bpf_map.values), count, bpf_map.max_entries)
+            return MapRead(bytes(bpf_map.keys), bytes(bpf_map.values), count, bpf_map.max_entries,
+                           bpf_map.value_stride)
         except Exception as exc:
             self._failed(spec, exc)
             return None
-
-    def _read_failures(self):
-        read = self._read_map(probe.UPDATE_FAILURES)
-        if read is None:
-            return None
-        per_slot = (probe.CONNECTS.name, probe.COMM_TOTALS.name)
-        stride = len(read.values) // read.count if read.count else 0  # one u64 per possible CPU
-        totals = {}
-        for i, (slot,) in enumerate(_SLOT.iter_unpack(read.keys)):
-            if slot < len(per_slot):
-                cpus = read.values[i * stride:(i + 1) * stride]
-                totals[per_slot[slot]] = sum(n for (n,) in _PER_CPU_COUNTER.iter_unpack(cpus))
-        return totals
 
     def _failed(self, spec, exc):
         self._read_errors[spec.name] += 1
@@ -140,13 +141,16 @@ class Collector:
 
     def _read(self):
         started = time.perf_counter()
-        connects = self._read_map(probe.CONNECTS)
-        comm_totals = self._read_map(probe.COMM_TOTALS)
-        failures = self._read_failures()
-        state = probe.inspect(self.pins)
-        if connects and comm_totals and failures is not None:
+        reads = {}
+        for spec in SCRAPED:
+            read = self._read_map(spec)
+            if read is not None:
+                reads[spec.name] = read
+        failures = reads.pop(maps.UPDATE_FAILURES.name, None)
+        failures = maps.failures_by_map(failures) if failures else None
+        probe_state = state.inspect(self.pins)
+        if len(reads) == len(SCRAPED) - 1 and failures is not None:
             self._last_error = None
-        return Snapshot(connects=connects, comm_totals=comm_totals, update_failures=failures,
-                        read_errors=dict(self._read_errors), probe_state=state,
-                        bpf_stats_enabled=probe.bpf_stats_enabled(),
+        return Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
+                        probe_state=probe_state, bpf_stats_enabled=state.bpf_stats_enabled(),
                         duration=time.perf_counter() - started, last_error=self._last_error)

@@ -8,10 +8,12 @@ import logging
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
+from tcpmon import exposition
 from tcpmon.app import make_app
 from tcpmon.collector import Collector
 
@@ -85,9 +87,10 @@ class ExporterWorker(ThreadWorker):
 
 class Exporter(BaseApplication):
     def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=8,
-                 log_level="info", read_mode="auto"):
+                 log_level="info", read_mode="auto", networks=()):
         self.pin_dir = pin_dir
         self.read_mode = read_mode
+        self.networks = networks
         self.metrics_port = split_addr(metrics_addr, "--metrics-addr")[1]
         self.health_port = split_addr(health_addr, "--health-addr")[1]
         same_port = self.metrics_port == self.health_port
@@ -105,4 +108,5 @@ class Exporter(BaseApplication):
     def load(self):
         # Runs in each worker after fork: map fds are never shared between workers.
         collector = Collector(self.pin_dir, read_mode=self.read_mode)
-        return make_app(collector, self.metrics_port, self.health_port)
+        return make_app(collector, self.metrics_port, self.health_port,
+                        render=partial(exposition.render, networks=self.networks))

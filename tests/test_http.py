@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from conftest import TCPMON, Connector, Exporter, http_get, unique_comm
 from metrics import pid_value, samples
-from tcpmon import loader, probe
+from tcpmon import attach, loader
 
 CAP_BPF = 39
 HEALTH_PATHS = ("/liveness", "/readiness", "/health")
@@ -145,7 +145,7 @@ def bpftool_mode(pin_dir):
     out = subprocess.run(["bpftool", "-j", "prog", "show", "pinned", f"{pin_dir}/prog_connect"],
                          capture_output=True, text=True, check=True).stdout
     name = json.loads(out)["name"]
-    return {program: mode for mode, program in probe.ATTACH_PROGRAMS.items()}[name]
+    return attach.mode_of_program(name)
 
 
 def test_health_has_exactly_the_documented_keys(exporter, pin_dir):

@@ -8,7 +8,8 @@ import time
 import pytest
 
 from conftest import TCPMON, Connector, unique_comm
-from tcpmon import _maps, loader, probe
+from tcpmon import _maps, attach, loader, maps, state
+from tcpmon.pins import Pins
 from tcpmon.cli import read_pid_entries
 from tcpmon.errors import LoadError, MapLayoutError
 
@@ -28,31 +29,31 @@ def wait_gone(prog_ids, timeout=10):
 
 
 def comm_total(pin_dir, comm):
-    with probe.open_map(probe.Pins(pin_dir), probe.COMM_TOTALS) as totals:
-        value = totals.lookup(comm.ljust(_maps.COMM_LEN, b"\0"))
+    with maps.open_map(Pins(pin_dir), maps.COMM_TOTALS) as totals:
+        value = totals.lookup(comm.ljust(maps.COMM_LEN, b"\0"))
     return None if value is None else int.from_bytes(value, "little")
 
 
 def test_auto_takes_the_first_mode_that_works_and_says_why_it_skipped_the_others(fresh_pin_dir):
     result = loader.load(fresh_pin_dir)
-    order = probe.ATTACH_MODES
+    order = attach.MODE_NAMES
     assert result.mode in order
     assert list(result.skipped) == list(order[:order.index(result.mode)])
     assert all(why for why in result.skipped.values())
-    assert probe.inspect(probe.Pins(fresh_pin_dir)).mode == result.mode
+    assert state.inspect(Pins(fresh_pin_dir)).mode == result.mode
 
 
 def test_load_twice_attaches_once_and_keeps_counts(fresh_pin_dir):
     first = loader.load(fresh_pin_dir)
-    state = probe.inspect(probe.Pins(fresh_pin_dir))
+    before = state.inspect(Pins(fresh_pin_dir))
     comm = unique_comm().encode()
     with Connector(comm.decode(), opened=3):
         pass
     second = loader.load(fresh_pin_dir)
     assert second.already_loaded and second.mode == first.mode
-    again = probe.inspect(probe.Pins(fresh_pin_dir))
-    assert {info["id"] for info in again.programs.values()} == {info["id"] for info in state.programs.values()}
-    assert {info["id"] for info in again.links.values()} == {info["id"] for info in state.links.values()}
+    again = state.inspect(Pins(fresh_pin_dir))
+    assert {info["id"] for info in again.programs.values()} == {info["id"] for info in before.programs.values()}
+    assert {info["id"] for info in again.links.values()} == {info["id"] for info in before.links.values()}
     with Connector(comm.decode(), refused=2):
         pass
     assert comm_total(fresh_pin_dir, comm) == 5
@@ -60,10 +61,13 @@ def test_load_twice_attaches_once_and_keeps_counts(fresh_pin_dir):
 
 def test_unload_detaches_and_removes_every_pin(fresh_pin_dir):
     loader.load(fresh_pin_dir)
-    prog_ids = [info["id"] for info in probe.inspect(probe.Pins(fresh_pin_dir)).programs.values()]
+    prog_ids = [info["id"] for info in state.inspect(Pins(fresh_pin_dir)).programs.values()]
     assert len(prog_ids) == 2 and all(program_exists(prog_id) for prog_id in prog_ids)
+    pinned = sorted(os.listdir(fresh_pin_dir))
+    known = {p.name for p in Pins("/").all()} | {Pins("/").stamp.name}
+    assert set(pinned) <= known and Pins("/").stamp.name in pinned
     removed = loader.unload(fresh_pin_dir)
-    assert sorted(os.path.basename(path) for path in removed) == sorted(p.name for p in probe.Pins("/").all())
+    assert sorted(os.path.basename(path) for path in removed) == pinned
     assert not os.path.exists(fresh_pin_dir)
     assert wait_gone(prog_ids)
 
@@ -80,7 +84,7 @@ def test_a_map_with_another_layout_is_refused_with_the_fix(fresh_pin_dir):
     cli = subprocess.run([*TCPMON, "load", "--pin-dir", fresh_pin_dir], capture_output=True, text=True)
     assert cli.returncode == 1
     assert cli.stderr == f"tcpmon: {error.value}\n"
-    assert not os.path.exists(f"{fresh_pin_dir}/{_maps.PIN_CONNECT_LINK}")
+    assert not Pins(fresh_pin_dir).connect_link.exists()
 
 
 def test_tracepoint_mode_counts_exactly(fresh_pin_dir):
@@ -114,12 +118,12 @@ def test_full_map_counts_its_failures(fresh_pin_dir):
     comm = unique_comm()
     procs = [Connector(comm, opened=1) for _ in range(6)]
     try:
-        with probe.open_map(probe.Pins(fresh_pin_dir), probe.CONNECTS) as connects:
+        with maps.open_map(Pins(fresh_pin_dir), maps.CONNECTS) as connects:
             assert connects.max_entries == 4
             connects.read()
             assert connects.count == 4
         ours_stored = sum(entry["comm"] == comm for entry in read_pid_entries(fresh_pin_dir))
-        with probe.open_map(probe.Pins(fresh_pin_dir), probe.UPDATE_FAILURES) as failures:
+        with maps.open_map(Pins(fresh_pin_dir), maps.UPDATE_FAILURES) as failures:
             failures.read()
             per_cpu = [int.from_bytes(bytes(failures.values)[i:i + 8], "little")
                        for i in range(0, failures.value_stride, 8)]
@@ -139,15 +143,15 @@ def test_foreground_holds_the_probe_until_sigterm(fresh_pin_dir):
         while "holding the probe" not in lines[-1]:
             lines.append(holder.stdout.readline())
             assert lines[-1] and len(lines) < 10, lines
-        state = probe.inspect(probe.Pins(fresh_pin_dir))
-        assert state.attached and state.links == {}
-        prog_ids = [info["id"] for info in state.programs.values()]
+        held = state.inspect(Pins(fresh_pin_dir))
+        assert held.attached and held.links == {}
+        prog_ids = [info["id"] for info in held.programs.values()]
         with Connector(unique_comm(), opened=2) as proc:
             assert {e["pid"]: e["connects"] for e in read_pid_entries(fresh_pin_dir)}[proc.pid] == 2
     finally:
         holder.send_signal(signal.SIGTERM)
         assert holder.wait(timeout=10) == 0
-    assert not probe.inspect(probe.Pins(fresh_pin_dir)).attached
+    assert not state.inspect(Pins(fresh_pin_dir)).attached
     assert wait_gone(prog_ids)
     comm = unique_comm()
     with Connector(comm, opened=2):

@@ -7,7 +7,8 @@ import subprocess
 import pytest
 
 from conftest import Connector, unique_comm
-from tcpmon import _maps, probe
+from tcpmon import _maps, maps
+from tcpmon.pins import Pins
 from tcpmon.errors import MapLayoutError
 
 PID_VALUE = struct.Struct("=Q16s")
@@ -44,7 +45,7 @@ def test_batch_and_iterate_read_the_same_entries(map_dir, tmp_path):
     bpftool_map(path, "type", "hash", "key", "4", "value", "24", "entries", "3000", "name", "connects")
     wanted = {struct.pack("=I", pid): PID_VALUE.pack(pid * 3, f"c{pid}".encode()) for pid in range(1, 2001)}
     fill(path, wanted.items(), tmp_path)
-    with probe.open_map(probe.Pins(map_dir), probe.CONNECTS) as bpf_map:
+    with maps.open_map(Pins(map_dir), maps.CONNECTS) as bpf_map:
         assert bpf_map.read("batch") == 2000
         assert entries_of(bpf_map) == wanted
         assert bpf_map.read("iterate") == 2000
@@ -69,14 +70,14 @@ def test_auto_falls_back_to_iteration_when_the_kernel_has_no_batch(map_dir, tmp_
 
 
 def test_per_cpu_values_have_one_slot_per_possible_cpu(pin_dir):
-    with probe.open_map(probe.Pins(pin_dir), probe.UPDATE_FAILURES) as failures:
+    with maps.open_map(Pins(pin_dir), maps.UPDATE_FAILURES) as failures:
         assert failures.value_stride == 8 * _maps.possible_cpus()
-        assert failures.read() == _maps.FAILURE_SLOTS
+        assert failures.read() == len(maps.FAILURE_MAPS)
 
 
 def test_live_map_agrees_with_the_kernel_in_both_modes(pin_dir):
     with Connector(unique_comm(), opened=2, refused=1) as proc:
-        with probe.open_map(probe.Pins(pin_dir), probe.CONNECTS) as connects:
+        with maps.open_map(Pins(pin_dir), maps.CONNECTS) as connects:
             for mode in ("batch", "iterate"):
                 connects.read(mode)
                 connects_by_pid = {struct.unpack("=I", k)[0]: PID_VALUE.unpack(v)
@@ -94,17 +95,17 @@ def test_layout_mismatch_names_the_path_every_difference_and_the_fix(map_dir, sp
     path = f"{map_dir}/connects"
     bpftool_map(path, *spec, "name", "connects")
     with pytest.raises(MapLayoutError) as error:
-        probe.open_map(probe.Pins(map_dir), probe.CONNECTS)
+        maps.open_map(Pins(map_dir), maps.CONNECTS)
     assert str(error.value) == f"pinned map {path} has {message}: run 'tcpmon unload' and load again"
 
 
 def test_missing_pin_says_to_load(map_dir):
     with pytest.raises(FileNotFoundError, match=f"no map pinned at {map_dir}/connects: run 'tcpmon load'"):
-        probe.open_map(probe.Pins(map_dir), probe.CONNECTS)
+        maps.open_map(Pins(map_dir), maps.CONNECTS)
 
 
 def test_the_exporter_holds_a_read_only_fd_and_close_is_idempotent(pin_dir):
-    bpf_map = probe.open_map(probe.Pins(pin_dir), probe.CONNECTS)
+    bpf_map = maps.open_map(Pins(pin_dir), maps.CONNECTS)
     fd = bpf_map.fileno()
     with open(f"/proc/self/fdinfo/{fd}") as f:
         info = dict(line.split(":", 1) for line in f)

@@ -17,7 +17,8 @@ import pytest
 
 from deploylib import helm_template
 from tcpmon import loader as tcpmon_loader
-from tcpmon import probe
+from tcpmon import state
+from tcpmon.pins import Pins
 
 TCPMON = [sys.executable, "-m", "tcpmon"]
 
@@ -105,7 +106,7 @@ def test_loader_and_exporter_work_as_the_chart_runs_them(helm, pin_dir_for_caps)
     assert isinstance(json.loads(dumped.stdout), list)
     unload = in_pod_container(pod, exporter, "unload", "--pin-dir", pin_dir_for_caps)
     assert unload.returncode != 0, "the exporter's read-only bpffs let it unload the probe"
-    assert probe.inspect(probe.Pins(pin_dir_for_caps)).attached
+    assert state.inspect(Pins(pin_dir_for_caps)).attached
 
 
 def test_loading_needs_perfmon(pin_dir_for_caps):

@@ -4,7 +4,8 @@ import re
 import pytest
 
 from deploylib import REPO, helm_template
-from tcpmon import cli, probe
+from tcpmon import attach, cli
+from tcpmon.pins import DEFAULT_PIN_DIR
 
 
 def _by_kind(docs):
@@ -108,7 +109,7 @@ def test_probes_hit_the_health_port(exporter):
 def test_every_environment_variable_is_one_the_cli_reads(loader, exporter):
     assert set(_env(loader)) <= _subcommand_envs("load")
     assert set(_env(exporter)) <= _subcommand_envs("serve")
-    assert _env(loader)["TCPMON_PIN_DIR"] == _env(exporter)["TCPMON_PIN_DIR"] == probe.DEFAULT_PIN_DIR
+    assert _env(loader)["TCPMON_PIN_DIR"] == _env(exporter)["TCPMON_PIN_DIR"] == DEFAULT_PIN_DIR
 
 
 def test_runs_on_every_node(default_docs, pod):
@@ -163,7 +164,7 @@ def test_unload_mode_unloads_and_serves_nothing(helm):
 def test_attach_modes_match_the_cli(helm):
     import json
     schema = json.loads((REPO / "charts/tcpmon/values.schema.json").read_text())
-    assert schema["properties"]["loader"]["properties"]["attach"]["enum"] == ["auto", *probe.ATTACH_MODES]
+    assert schema["properties"]["loader"]["properties"]["attach"]["enum"] == ["auto", *attach.MODE_NAMES]
 
 
 @pytest.mark.parametrize("bad", [

@@ -2,6 +2,7 @@
 machine's system), verified by systemd-analyze, and the exporter run as tcpmon.service
 would run it: an unprivileged user with ambient CAP_BPF only, no_new_privs, and no
 writable-executable memory."""
+import fnmatch
 import os
 import re
 import secrets
@@ -18,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from deploylib import REPO, through_readonly_bind
-from tcpmon import __version__, probe
+from tcpmon import __version__, state
+from tcpmon.pins import DEFAULT_PIN_DIR, Pins
 from tcpmon import loader as tcpmon_loader
 
 UNITS = REPO / "deploy" / "systemd"
@@ -95,14 +97,18 @@ def _pin_dir_flag(command):
 
 def test_units_agree_on_the_pin_dir_and_the_group(load_unit, exporter_unit):
     loaded = _pin_dir_flag(load_unit[("Service", "ExecStart")][0])
-    assert loaded == _pin_dir_flag(load_unit[("Service", "ExecStop")][0]) == probe.DEFAULT_PIN_DIR
+    assert loaded == _pin_dir_flag(load_unit[("Service", "ExecStop")][0]) == DEFAULT_PIN_DIR
     source, target = exporter_unit[("Service", "BindReadOnlyPaths")][0].split(":")
     assert source == loaded
     assert _pin_dir_flag(exporter_unit[("Service", "ExecStart")][0]) == target
     posts = [cmd.split() for cmd in load_unit[("Service", "ExecStartPost")]]
-    paths = {arg for cmd in posts for arg in cmd[1:] if arg.startswith("/")}
-    pins = probe.Pins(loaded)
-    assert paths == {loaded} | {str(link) for link in pins.links()}
+    targets = {next(arg for arg in cmd[1:] if arg.startswith("/")) for cmd in posts}
+    assert targets == {loaded}
+    grant = next(cmd for cmd in posts if cmd[0].endswith("find"))
+    pattern = grant[grant.index("-name") + 1]
+    links = {path.name for path in Pins(loaded).links()}
+    assert {name for name in Pins(loaded).all_names() if fnmatch.fnmatch(name, pattern)} == links
+    assert grant[grant.index("-exec") + 1:] == ["/usr/bin/chmod", "g+w", "{}", "+"]
     group = next(cmd[-2] for cmd in posts if cmd[0].endswith("chgrp"))
     assert exporter_unit[("Service", "Group")] == [group]
     user_line = (UNITS / "tcpmon.sysusers").read_text().split("\n")
@@ -195,7 +201,7 @@ def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, loa
     service = {key: values for (section, key), values in load_unit.items() if section == "Service"}
 
     def run(command):
-        args = [arg.replace(probe.DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
+        args = [arg.replace(DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
         args = [str(staged / HOME / "bin/tcpmon") if arg == "/opt/tcpmon/bin/tcpmon" else arg for arg in args]
         if args[0].endswith("chgrp"):
             args[-2] = "nogroup"  # user tcpmon exists only where install.sh ran for real
@@ -205,8 +211,10 @@ def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, loa
         for command in service["ExecStart"] + service["ExecStartPost"]:
             result = run(command)
             assert result.returncode == 0, f"{command}: {result.stderr}"
-        assert probe.inspect(probe.Pins(pin_dir)).attached
-        for link in probe.Pins(pin_dir).links():
+        assert state.inspect(Pins(pin_dir)).attached
+        links = [link for link in Pins(pin_dir).links() if link.exists()]
+        assert {Pins(pin_dir).connect_link, Pins(pin_dir).exit_link} <= set(links)
+        for link in links:
             assert oct(os.stat(link).st_mode & 0o070) == "0o60", link
         result = run(service["ExecStop"][0])
         assert result.returncode == 0, result.stderr
@@ -226,7 +234,7 @@ def shared_pins(load_unit):
 
     def share():
         for command in load_unit[("Service", "ExecStartPost")]:
-            args = [arg.replace(probe.DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
+            args = [arg.replace(DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
             if args[0].endswith("chgrp"):
                 args[-2] = "nogroup"
             subprocess.run(args, check=True)
