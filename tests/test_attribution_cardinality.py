@@ -103,3 +103,16 @@ def test_folded_label_sets_are_counted_when_they_begin_to_fold():
     assert by_name[("tcpmon_series_folded", "counter")] == {"tcpmon_connects_total": 3,
                                                             "tcpmon_connect_duration_seconds": 0}
     assert by_name[("tcpmon_series_overflow", "gauge")]["tcpmon_connects_total"] == 3
+
+
+def test_cap_sums_the_exposition_s_value_dicts_with_its_own_add():
+    from tcpmon.exposition import _add   # how the outcome families sum an entry's values
+    attributor = Attributor(Config(labels=(), max_series=1))
+    value = {"results": (2, 1, 0, 0, 0, 0), "latency": (0, 2) + (0,) * 3, "duration_ns": 70}
+    view = attributor.view([5, 6, 7])
+    assert view.label_names == () and view.labels(5) == () and view.labels(99) is None
+    rows = [(("curl",) + view.labels(5), value, 5), (("curl",) + view.labels(6), value, 6),
+            (("wget",) + view.labels(7), value, 7)]
+    capped, folded = attributor.cap("tcpmon_connects_total", rows, add=_add)
+    doubled = {"results": (4, 2, 0, 0, 0, 0), "latency": (0, 4) + (0,) * 3, "duration_ns": 140}
+    assert capped == [(("curl",), doubled), ((OTHER,), value)] and folded == 1

@@ -216,3 +216,31 @@ def test_id_zero_has_no_labels_and_is_never_gone():
 def test_an_unreadable_mounts_file_is_a_problem_not_a_crash(tmp_path):
     attributor = Attributor(Config(labels=LABELS), mounts=str(tmp_path / "missing"))
     assert attributor.label_names == () and "cannot read" in attributor.problem
+
+
+def test_the_probe_s_cgroup_ids_map_to_the_cgroups_that_connected(cgroups, pin_dir):
+    # the real chain: the loaded probe counts per (cgroup id, comm) in its outcomes map
+    from tcpmon import maps
+    from tcpmon._render import comm_label
+    from tcpmon.collector import Collector
+    from tcpmon.exposition import _add
+    layout = _layout(cgroups)
+    comms = {rel: unique_comm("tcpmp") for rel in layout}
+    for rel, comm in comms.items():
+        cgroups.run_in(rel, comm, connects=2)
+    collector = Collector(pin_dir)
+    try:
+        entries = [(key, value) for key, value in collector.snapshot().entries(maps.OUTCOMES)
+                   if comm_label(key["comm"]) in comms.values()]
+    finally:
+        collector.close()
+    assert {key["cgroup_id"] for key, _ in entries} == {handle_id(cgroups.dir(rel)) for rel in layout}
+    attributor = Attributor(Config(labels=LABELS))
+    view = attributor.view(key["cgroup_id"] for key, _ in entries)
+    rows, folded = attributor.cap("tcpmon_connects_total",
+                                  [((comm_label(key["comm"]),) + view.labels(key["cgroup_id"]), value,
+                                    key["cgroup_id"]) for key, value in entries], add=_add)
+    got = {labels[0]: (labels[1:], value["attempts"]) for labels, value in rows}
+    for rel, comm in comms.items():
+        assert got[comm] == (layout[rel] or (rel.rsplit("/", 1)[1], "", "", "", "", ""), 2), rel
+    assert folded == 0

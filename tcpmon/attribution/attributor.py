@@ -30,16 +30,33 @@ class Config(NamedTuple):
 class Series(NamedTuple):
     rows: list      # [(labels, values)]: labels = (comm, *values of label_names), values summed
     folded: int     # label sets summed into the ~other row
-    gone: int       # rows of removed cgroups, left out
-    deferred: int   # rows of cgroups created since the last walk, left out until the next one
+    gone: int       # cgroups removed: their rows are left out
+    deferred: int   # cgroups created since the last walk: their rows are left out until the next one
+
+
+class LabelView:
+    """The labels of one scrape's cgroup ids, as the exposition asks for them."""
+
+    def __init__(self, label_names, labels):
+        self.label_names = label_names
+        self._labels = labels   # id -> label values | GONE | PENDING
+        self.gone = sum(1 for verdict in labels.values() if verdict is GONE)
+        self.deferred = sum(1 for verdict in labels.values() if verdict is PENDING)
+
+    def labels(self, cgroup_id):
+        """The label values of label_names for `cgroup_id`, or None: its rows are left out (the
+        cgroup is gone, or new since the last walk; an id the view was not made with, too)."""
+        found = self._labels.get(cgroup_id, PENDING)
+        return None if found is GONE or found is PENDING else found
 
 
 class Attributor:
-    """Turns (cgroup id, comm, values) rows into series labelled with comm and `label_names`.
+    """Labels cgroup ids with `label_names` and caps the series of each family.
 
-    Thread-safe; one per worker. A removed cgroup's rows are left out; values of rows with
-    equal labels are summed; beyond max_series label sets per family the newest are summed into
-    one row labelled ~other throughout.
+    One per worker, thread-safe. Per scrape: view(ids) resolves every id once (a removed
+    cgroup's rows are left out), cap(family, rows) sums rows with equal labels and folds the
+    newest label sets beyond max_series into one row labelled ~other throughout; series() does
+    both for (cgroup_id, comm, values) rows.
     """
 
     def __init__(self, config=Config(), mounts=MOUNTS, clock=time.monotonic, serviceaccount=kube.SERVICEACCOUNT,
@@ -78,25 +95,37 @@ class Attributor:
             return
         self._names = kube.PodNames(kube.PodLister(cluster, config.node_name), clock=self._clock)
 
-    def series(self, family, rows):
-        """Series of `family` from rows of (cgroup_id, comm, values): comm is the label text,
-        values a sequence of numbers, as long in every row."""
+    def view(self, cgroup_ids):
+        """One scrape's labels of `cgroup_ids` (every id the scrape will ask about)."""
         since = self._clock()
-        rows = list(rows)
+        cgroup_ids = set(cgroup_ids)
         with self._lock:
             if not self.label_names:
-                return self._cap(family, [((comm,), values, cgroup_id) for cgroup_id, comm, values in rows], 0, 0)
-            labels = self._labels_of({cgroup_id for cgroup_id, _, _ in rows}, since)
-            kept, gone, deferred = [], 0, 0
-            for cgroup_id, comm, values in rows:
-                found = labels[cgroup_id]
-                if found is GONE:
-                    gone += 1
-                elif found is PENDING:
-                    deferred += 1
-                else:
-                    kept.append(((comm, *found), values, cgroup_id))
-            return self._cap(family, kept, gone, deferred)
+                return LabelView((), {cgroup_id: () for cgroup_id in cgroup_ids})
+            return LabelView(self.label_names, self._labels_of(cgroup_ids, since))
+
+    def cap(self, family, rows, add=cardinality.add_sequences):
+        """fold() of (labels, values, cgroup_id) rows at --max-series, counting what folds:
+        ([(labels, values)] with the ~other row last, how many label sets are in it)."""
+        with self._lock:
+            result = cardinality.fold(rows, self.config.max_series, add)
+            before = self._folded.get(family, frozenset())
+            self.folded_total[family] = self.folded_total.get(family, 0) + len(result.folded - before)
+            self._folded[family] = result.folded
+        return result.rows, len(result.folded)
+
+    def series(self, family, rows):
+        """view() and cap() in one: rows of (cgroup_id, comm, values), comm being the label text
+        and values a sequence of numbers as long in every row."""
+        rows = list(rows)
+        labels = self.view(cgroup_id for cgroup_id, _, _ in rows)
+        kept = []
+        for cgroup_id, comm, values in rows:
+            who = labels.labels(cgroup_id)
+            if who is not None:
+                kept.append(((comm, *who), values, cgroup_id))
+        capped, folded = self.cap(family, kept)
+        return Series(capped, folded, labels.gone, labels.deferred)
 
     def _labels_of(self, cgroup_ids, since):
         """{id: label values in label_names order | GONE | PENDING}."""
@@ -117,13 +146,6 @@ class Attributor:
             every.update(zip(NAME_LABELS, names.get((path_labels.pod_uid, path_labels.container_id), kube.NO_NAMES)))
             out[cgroup_id] = tuple(every[name] for name in self.label_names)
         return out
-
-    def _cap(self, family, rows, gone, deferred):
-        result = cardinality.fold(rows, self.config.max_series)
-        before = self._folded.get(family, frozenset())
-        self.folded_total[family] = self.folded_total.get(family, 0) + len(result.folded - before)
-        self._folded[family] = result.folded
-        return Series(result.rows, len(result.folded), gone, deferred)
 
     def stats(self):
         """Counters and gauges of the attribution layer, for the exposition (see metrics.py)."""
