@@ -102,6 +102,35 @@ def _load_options(parser):
     _option(parser, "--max-destinations", None, "capacity of the destinations map", type=_positive_int)
 
 
+def _labels(text):
+    from tcpmon.attribution import parse_labels
+    try:
+        parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _attribution_options(parser):
+    from tcpmon.attribution import DEFAULT_MAX_CGROUPS, DEFAULT_MAX_SERIES
+    _option(parser, "--labels", "auto", "attribution labels: auto (unit,container_id,pod_uid, + namespace,pod,"
+            "container with --kubernetes), all, none, or a comma list", type=_labels)
+    _option(parser, "--max-series", DEFAULT_MAX_SERIES, "label sets per family; the rest are summed into ~other",
+            type=_positive_int)
+    _option(parser, "--max-cgroups", DEFAULT_MAX_CGROUPS, "cgroup id -> path entries cached", type=_positive_int)
+    _option(parser, "--cgroup-root", "auto", "where to look for the cgroup2 mount (in a pod: the host's /sys/fs/cgroup)")
+    _switch(parser, "--kubernetes", "namespace, pod and container names from the Kubernetes API (in a pod)")
+    _option(parser, "--node-name", None, "this node's name, for --kubernetes (the chart sets it from spec.nodeName)")
+
+
+def attribution_config(args):
+    """The attribution.Config that serve's flags describe."""
+    from tcpmon.attribution import Config, parse_labels
+    return Config(labels=parse_labels(args.labels, args.kubernetes), max_series=args.max_series,
+                  max_cgroups=args.max_cgroups, cgroup_root=args.cgroup_root, kubernetes=args.kubernetes,
+                  node_name=args.node_name or "")
+
+
 def _serve_options(parser):
     _option(parser, "--metrics-addr", "0.0.0.0:9090", "HOST:PORT serving /metrics")
     _option(parser, "--health-addr", "0.0.0.0:8080", "HOST:PORT serving /liveness, /readiness, /health")
@@ -110,6 +139,7 @@ def _serve_options(parser):
     _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
             choices=_READ_MODES)
     _option(parser, "--networks", None, "NAME=CIDR,... naming remote networks in tcpmon_connect_destinations_total")
+    _attribution_options(parser)
 
 
 def _top_options(parser):
@@ -284,6 +314,8 @@ COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump"
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "kubernetes", False) and not args.node_name:
+        parser.error("--kubernetes needs --node-name (env TCPMON_NODE_NAME; the chart sets it from spec.nodeName)")
     logging.basicConfig(level=args.log_level.upper(), format="tcpmon: %(levelname)s: %(message)s")
     if args.log_level == "debug" and args.command in ("load", "run"):
         from tcpmon import _libbpf

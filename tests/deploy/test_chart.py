@@ -253,3 +253,93 @@ def test_debug_daemonset_keeps_the_split(lint_tools):
     assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
     assert {p["containerPort"] for p in main["ports"]} == {5678, 9090, 8080}
     assert "unload" in main["lifecycle"]["preStop"]["exec"]["command"]
+
+
+# --- attribution (opt-in): the host's cgroupfs read-only, names from the API with list on pods only ---
+
+@pytest.fixture(scope="module")
+def attribution_docs(helm):
+    return helm_template(helm, "attribution.enabled=true")[0]
+
+
+def _envs(container):
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container.get("env", [])}
+
+
+def test_attribution_is_off_by_default(default_docs, exporter):
+    assert _env(exporter)["TCPMON_LABELS"] == "none"
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(_by_kind(default_docs))
+
+
+def test_attribution_rbac_lists_pods_and_nothing_else(attribution_docs):
+    (role,) = _by_kind(attribution_docs)["ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert set(role["rules"][0]["verbs"]) <= {"get", "list", "watch"}
+    assert not _by_kind(attribution_docs).get("Role") and not _by_kind(attribution_docs).get("RoleBinding")
+    (binding,) = _by_kind(attribution_docs)["ClusterRoleBinding"]
+    account = _one(attribution_docs, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": "monitoring"}]
+
+
+def test_attribution_token_and_cgroupfs_reach_the_exporter_only(attribution_docs):
+    pod = _one(attribution_docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (loader,), (exporter,) = pod["initContainers"], pod["containers"]
+    assert {m["name"] for m in loader["volumeMounts"]} == {"bpffs", "tracefs"}
+    mounts = {m["mountPath"]: (m["name"], m.get("readOnly", False)) for m in exporter["volumeMounts"]}
+    assert mounts == {"/sys/fs/bpf": ("bpffs", True), "/host/sys/fs/cgroup": ("cgroup", True),
+                      "/var/run/secrets/kubernetes.io/serviceaccount": ("kube-api-access", True)}
+    assert exporter["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+    volumes = {vol["name"]: vol for vol in pod["volumes"]}
+    assert volumes["cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert {"path": "token", "expirationSeconds": 3607} == sources[0]["serviceAccountToken"]
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_attribution_environment_is_what_serve_reads(attribution_docs):
+    (exporter,) = _one(attribution_docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    env = _envs(exporter)
+    assert set(env) <= _subcommand_envs("serve")
+    assert env["TCPMON_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert (env["TCPMON_KUBERNETES"], env["TCPMON_LABELS"], env["TCPMON_CGROUP_ROOT"]) == ("1", "auto", "/host/sys/fs/cgroup")
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.labels == "auto"
+
+
+def test_attribution_without_kubernetes_has_no_token_and_no_rbac(helm):
+    docs = helm_template(helm, "attribution.enabled=true", "attribution.kubernetes.enabled=false",
+                         "attribution.maxSeries=500", "attribution.labels=unit\\,container_id")[0]
+    assert not {"ClusterRole", "ClusterRoleBinding"} & set(_by_kind(docs))
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    env = _envs(pod["containers"][0])
+    assert "TCPMON_KUBERNETES" not in env and env["TCPMON_MAX_SERIES"] == "500"
+    assert env["TCPMON_LABELS"] == "unit,container_id"
+    assert "kube-api-access" not in {vol["name"] for vol in pod["volumes"]}
+
+
+def test_attribution_renders_valid_kubernetes_objects(helm, lint_tools, tmp_path):
+    import subprocess
+    _, result = helm_template(helm, "attribution.enabled=true")
+    manifest = tmp_path / "attribution.yaml"
+    manifest.write_text(result.stdout)
+    from deploylib import K8S_VERSION
+    check = subprocess.run([str(lint_tools / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(manifest)],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("bad", [
+    "attribution.labels=pod\\,image",
+    "attribution.maxSeries=0",
+    "attribution.cgroupHostPath=sys/fs/cgroup",
+    "attribution.kubernetes.watch=true",
+    "attribution.bogus=1",
+])
+def test_schema_rejects_bad_attribution_values(helm, bad):
+    result = helm_template(helm, bad, check=False)[1]
+    assert result.returncode != 0, f"helm accepted --set {bad}"
+    assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower()
