@@ -293,7 +293,7 @@ def cmd_serve(args):
     from tcpmon.destinations import parse_networks
     Exporter(args.pin_dir, args.metrics_addr, args.health_addr, workers=args.workers,
              threads=args.threads, log_level=args.log_level, read_mode=args.read_mode,
-             networks=parse_networks(args.networks)).run()
+             networks=parse_networks(args.networks), attribution=attribution_config(args)).run()
     return 0
 
 

@@ -7,6 +7,7 @@ text, once).  The small families go through prometheus-client, which also
 supplies the process metrics.
 """
 import array
+import operator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import exposition as text_format
@@ -17,6 +18,8 @@ from prometheus_client.utils import floatToGoString
 from tcpmon import __version__, maps
 from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
                             render_pid_series)
+from tcpmon.attribution import Attributor, Config
+from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
 
@@ -40,17 +43,6 @@ LATENCY_BOUNDS = tuple(floatToGoString(2 ** (slot + 1) / 1e6) for slot in range(
 
 
 
-class _NoAttribution:
-    """Outcome families labelled by comm alone."""
-    label_names = ()
-
-    @staticmethod
-    def labels(cgroup_id):
-        return ()
-
-
-NO_ATTRIBUTION = _NoAttribution()
-
 _PROCESS_REGISTRY = CollectorRegistry(auto_describe=False)
 ProcessCollector(registry=_PROCESS_REGISTRY)
 PlatformCollector(registry=_PROCESS_REGISTRY)
@@ -62,79 +54,113 @@ def wants_openmetrics(accept_header):
 
 
 class Renderer:
-    """Renders snapshots for one worker; remembers the label text of every outcome and
-    destination key it has seen (until the attribution's knowledge changes)."""
+    """Renders snapshots for one worker, with `attribution` (an attribution.Attributor) labelling
+    and capping the outcome and destination families; remembers the label text it built."""
 
     MAX_REMEMBERED = 1 << 16
 
-    def __init__(self, attribution=NO_ATTRIBUTION, networks=()):
-        self.attribution = attribution
+    def __init__(self, attribution=None, networks=()):
+        self.attribution = attribution or Attributor(Config(labels=()))
         self.networks = networks
-        self._texts = {}        # (map name, raw key) -> label text, or None for a gone cgroup
-        self._generation = None
+        self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
+        self._texts = {}        # label names and values -> label text
 
     def render(self, snapshot, openmetrics=False):
         """The whole /metrics body for one snapshot."""
         generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotFamilies(snapshot))
-        self._forget_if_stale()
+        registry.register(_SnapshotFamilies(snapshot, self.attribution))
+        for cache in (self._key_labels, self._texts):
+            if len(cache) > self.MAX_REMEMBERED:
+                cache.clear()
+        view = self.attribution.view(self._cgroup_ids(snapshot))
         parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
-                 self._outcome_families(snapshot, openmetrics), self._destination_family(snapshot, openmetrics),
+                 self._outcome_families(snapshot, view, openmetrics),
+                 self._destination_family(snapshot, view, openmetrics),
                  generate(registry), generate(_PROCESS_REGISTRY)]
         body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
         return body + _EOF if openmetrics else body
 
-    def _forget_if_stale(self):
-        generation = getattr(self.attribution, "generation", 0)
-        if generation != self._generation or len(self._texts) > self.MAX_REMEMBERED:
-            self._texts.clear()
-            self._generation = generation
+    @staticmethod
+    def _cgroup_ids(snapshot):
+        ids = set()
+        for spec in (maps.OUTCOMES, maps.DESTINATIONS):
+            read = snapshot.reads.get(spec.name)
+            if read is not None and read.count:
+                words = memoryview(read.keys).cast("Q")   # cgroup_id is each key's first u64
+                ids.update(words[::spec.key_size // 8][:read.count])
+        return ids
 
-    def _groups(self, spec, read, where=lambda key: ""):
-        """(group of each entry, label text of each group): entries with the same labels form one
-        group, groups sorted by their text; -1 for entries of cgroups that are gone."""
-        size, keys, texts = spec.key_size, read.keys, self._texts
-        names = ("comm",) + self.attribution.label_names
-        raw_groups, index = array.array("i", [-1]) * read.count, {}
+    def _labels_of_key(self, spec, raw, trailing):
+        """(comm label, *trailing(key)) of a raw key, worked out once per key."""
+        cached = self._key_labels.get((spec.name, raw[8:]))
+        if cached is None:
+            key = spec.key.unpack(raw)
+            cached = (comm_label(key["comm"]),) + trailing(key)
+            self._key_labels[(spec.name, raw[8:])] = cached
+        return cached
+
+    def _text(self, names, labels):
+        text = self._texts.get((names, labels))
+        if text is None:
+            text = self._texts[(names, labels)] = _labels(names, labels).encode()
+        return text
+
+    def _groups(self, spec, read, view, families, trailing_names=(), trailing=lambda key: ()):
+        """(the group of each entry, the label text of each group): entries with the same labels
+        are one group; label sets beyond the attribution's cap are folded into one ~other group;
+        entries of cgroups that are gone are in none (-1)."""
+        size, keys = spec.key_size, read.keys
+        groups_of, ages = {}, []
+        raw_groups = array.array("i", [-1]) * read.count
         for i in range(read.count):
             raw = keys[i * size:(i + 1) * size]
-            text = texts.get((spec.name, raw), False)
-            if text is False:
-                key = spec.key.unpack(raw)
-                who = self.attribution.labels(key["cgroup_id"])
-                text = None if who is None else _labels(names, (comm_label(key["comm"]),) + who) + where(key)
-                texts[(spec.name, raw)] = text
-            if text is not None:
-                raw_groups[i] = index.setdefault(text, len(index))
-        order = sorted(index, key=index.get)
-        ranked = sorted(range(len(order)), key=order.__getitem__)
-        rank = [0] * len(order)
-        for position, group in enumerate(ranked):
-            rank[group] = position
-        groups = array.array("i", (rank[g] if g >= 0 else -1 for g in raw_groups))
-        return groups, [order[g].encode() for g in ranked]
+            cgroup_id = int.from_bytes(raw[:8], "little")
+            who = view.labels(cgroup_id)
+            if who is None:
+                continue
+            comm, *rest = self._labels_of_key(spec, raw, trailing)
+            labels = (comm, *who, *rest)
+            group = groups_of.get(labels)
+            if group is None:
+                group = groups_of[labels] = len(ages)
+                ages.append(cgroup_id)
+            elif cgroup_id < ages[group]:
+                ages[group] = cgroup_id
+            raw_groups[i] = group
+        rows = [(labels, [group], ages[group]) for labels, group in groups_of.items()]
+        for family in families:
+            kept, _ = self.attribution.cap(family, rows, add=operator.add)
+        final = array.array("i", [-1]) * len(ages)
+        names = ("comm", *view.label_names, *trailing_names)
+        texts = []
+        for position, (labels, members) in enumerate(kept):
+            for group in members:
+                final[group] = position
+            texts.append(self._text(names, labels))
+        return array.array("i", (final[g] if g >= 0 else -1 for g in raw_groups)), texts
 
-    def _outcome_families(self, snapshot, openmetrics):
+    def _outcome_families(self, snapshot, view, openmetrics):
         head = _header(OUTCOME_FAMILY, "counter", OUTCOME_HELP, openmetrics).encode()
         head_latency = _header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics).encode()
         read = snapshot.reads.get(maps.OUTCOMES.name)
         if read is None:
             return head + head_latency
-        groups, labels = self._groups(maps.OUTCOMES, read)
+        groups, labels = self._groups(maps.OUTCOMES, read, view,
+                                      (f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY))
         counters, histogram = render_outcomes(OUTCOME_FAMILY.encode(), LATENCY_FAMILY.encode(), _RESULT_TEXT,
                                               _BOUND_TEXT, read.values, read.count, groups, labels)
         return head + counters + head_latency + histogram
 
-    def _destination_family(self, snapshot, openmetrics):
+    def _destination_family(self, snapshot, view, openmetrics):
         read = snapshot.reads.get(maps.DESTINATIONS.name)
         if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
             return b""
 
         def where(key):
-            return "," + _labels(("result", "remote_port", "remote"),
-                                 (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, self.networks)))
-        groups, labels = self._groups(maps.DESTINATIONS, read, where)
+            return (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, self.networks))
+        groups, labels = self._groups(maps.DESTINATIONS, read, view, (f"{DESTINATION_FAMILY}_total",),
+                                      ("result", "remote_port", "remote"), where)
         head = _header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics).encode()
         return head + render_grouped_counters(f"{DESTINATION_FAMILY}_total".encode(), read.values,
                                               read.value_stride, read.count, groups, labels)
@@ -183,12 +209,14 @@ def _labels(names, values):
 class _SnapshotFamilies:
     """The small families of one snapshot, for prometheus-client to render."""
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot, attribution):
         self.snapshot = snapshot
+        self.attribution = attribution
 
     def collect(self):
         snap = self.snapshot
         yield from self._maps(snap)
+        yield from attribution_families(self.attribution.stats(), [f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY])
         mode = snap.probe_state.mode if snap.probe_state else None
         attached = GaugeMetricFamily("tcpmon_probe_attached", "1 while tcpmon's connect probe is attached",
                                      labels=["mode"])

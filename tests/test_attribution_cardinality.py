@@ -105,14 +105,25 @@ def test_folded_label_sets_are_counted_when_they_begin_to_fold():
     assert by_name[("tcpmon_series_overflow", "gauge")]["tcpmon_connects_total"] == 3
 
 
-def test_cap_sums_the_exposition_s_value_dicts_with_its_own_add():
-    from tcpmon.exposition import _add   # how the outcome families sum an entry's values
-    attributor = Attributor(Config(labels=(), max_series=1))
-    value = {"results": (2, 1, 0, 0, 0, 0), "latency": (0, 2) + (0,) * 3, "duration_ns": 70}
-    view = attributor.view([5, 6, 7])
-    assert view.label_names == () and view.labels(5) == () and view.labels(99) is None
-    rows = [(("curl",) + view.labels(5), value, 5), (("curl",) + view.labels(6), value, 6),
-            (("wget",) + view.labels(7), value, 7)]
-    capped, folded = attributor.cap("tcpmon_connects_total", rows, add=_add)
-    doubled = {"results": (4, 2, 0, 0, 0, 0), "latency": (0, 4) + (0,) * 3, "duration_ns": 140}
-    assert capped == [(("curl",), doubled), ((OTHER,), value)] and folded == 1
+def test_the_exposition_folds_label_sets_beyond_the_cap_into_one_other_series():
+    from metrics import samples
+    from tcpmon import maps
+    from tcpmon.collector import MapRead, Snapshot
+    from tcpmon.exposition import Renderer
+    entries = [(5, b"curl", 2), (6, b"curl", 3), (7, b"wget", 4), (8, b"nc", 1)]  # (cgroup id, comm, successes)
+    keys = b"".join(maps.OUTCOMES.key.pack(cgroup_id=cg, comm=maps.comm_key(comm)) for cg, comm, _ in entries)
+    values = b"".join(maps.OUTCOMES.value.pack(attempts=n, results=(n, 0, 0, 0, 0, 0),
+                                               latency=(0, n) + (0,) * (maps.LATENCY_SLOTS - 2))
+                      for _, _, n in entries)
+    read = MapRead(keys, values, len(entries), 16, maps.OUTCOMES.value_size)
+    renderer = Renderer(Attributor(Config(labels=(), max_series=2)))
+    body = renderer.render(Snapshot(reads={maps.OUTCOMES.name: read})).decode()
+    successes = {dict(k)["comm"]: v for k, v in samples(body, "tcpmon_connects_total").items()
+                 if dict(k)["result"] == "success"}
+    # curl (cgroups 5 and 6, one label set) and wget are the oldest two; nc folds into ~other
+    assert successes == {"curl": 5, "wget": 4, OTHER: 1}
+    buckets = {dict(k)["comm"]: v for k, v in samples(body, "tcpmon_connect_duration_seconds_bucket").items()
+               if dict(k)["le"] == "4e-06"}
+    assert buckets == {"curl": 5, "wget": 4, OTHER: 1}
+    folded = samples(body, "tcpmon_series_overflow")
+    assert folded[frozenset({"family": "tcpmon_connects_total"}.items())] == 1

@@ -10,6 +10,7 @@ import pytest
 
 from attribution_support import TestCgroups, bpftrace_cgroups, cgroup2_root, handle_id, unique_comm
 from conftest import ROOT
+from metrics import samples
 from tcpmon.attribution import LABELS, Attributor, Config
 from tcpmon.attribution.cgroups import GONE, PENDING, CgroupPaths, walk
 from tcpmon.attribution.mounts import find_cgroup2
@@ -223,24 +224,27 @@ def test_the_probe_s_cgroup_ids_map_to_the_cgroups_that_connected(cgroups, pin_d
     from tcpmon import maps
     from tcpmon._render import comm_label
     from tcpmon.collector import Collector
-    from tcpmon.exposition import _add
+    from tcpmon.exposition import Renderer
     layout = _layout(cgroups)
     comms = {rel: unique_comm("tcpmp") for rel in layout}
     for rel, comm in comms.items():
         cgroups.run_in(rel, comm, connects=2)
     collector = Collector(pin_dir)
     try:
-        entries = [(key, value) for key, value in collector.snapshot().entries(maps.OUTCOMES)
-                   if comm_label(key["comm"]) in comms.values()]
+        snapshot = collector.snapshot()
     finally:
         collector.close()
+    entries = [(key, value) for key, value in snapshot.entries(maps.OUTCOMES) if comm_label(key["comm"]) in comms.values()]
     assert {key["cgroup_id"] for key, _ in entries} == {handle_id(cgroups.dir(rel)) for rel in layout}
-    attributor = Attributor(Config(labels=LABELS))
-    view = attributor.view(key["cgroup_id"] for key, _ in entries)
-    rows, folded = attributor.cap("tcpmon_connects_total",
-                                  [((comm_label(key["comm"]),) + view.labels(key["cgroup_id"]), value,
-                                    key["cgroup_id"]) for key, value in entries], add=_add)
-    got = {labels[0]: (labels[1:], value["attempts"]) for labels, value in rows}
+    # ... and the exposition labels each one's connects with its cgroup's unit, container and pod
+    body = Renderer(Attributor(Config(labels=LABELS))).render(snapshot).decode()
+    got = {}
+    for labels, value in samples(body, "tcpmon_connects_total").items():
+        labels = dict(labels)
+        if labels["comm"] in comms.values():   # every result, summed: each connect ended one way
+            who, total = got.get(labels["comm"], (tuple(labels[name] for name in LABELS), 0))
+            assert who == tuple(labels[name] for name in LABELS), "one comm and cgroup, one label set"
+            got[labels["comm"]] = (who, total + value)
     for rel, comm in comms.items():
         assert got[comm] == (layout[rel] or (rel.rsplit("/", 1)[1], "", "", "", "", ""), 2), rel
-    assert folded == 0
+    assert samples(body, "tcpmon_series_overflow")[frozenset({"family": "tcpmon_connects_total"}.items())] == 0
