@@ -61,18 +61,18 @@ def _liveness(environ):
     return _reply("200 OK", "alive\n")
 
 
-def _readiness(collector, environ):
+def _readiness(collector, notes, environ):
     problem = collector.readiness_problem()
     if problem:
         return _reply("503 Service Unavailable", f"not ready: {problem}\n")
-    return _reply("200 OK", "ready\n")
+    return _reply("200 OK", "ready\n" + "".join(f"note: {note}\n" for note in notes()))
 
 
-def _health(collector, environ):
+def _health(collector, notes, environ):
     """The probe's pins and the last scrape's outcome: never a map read, never a wait on a scrape."""
     problem, state = collector.readiness()
     last = collector.last_scrape()
-    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3),
+    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3), "notes": notes(),
               "attach_mode": state.mode if state.attached else None,
               "map_entries": last.map_entries if last else None,
               "reason": problem,
@@ -88,15 +88,16 @@ def _unauthorized():
     return status, headers + [("WWW-Authenticate", "Basic")], body
 
 
-def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, offload=_run_here,
-             web=None, per_worker=None):
+def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, notes=lambda: [],
+             offload=_run_here, web=None, per_worker=None):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
-    `render(snapshot, openmetrics=...)` makes the /metrics body, through `offload`.
+    `render(snapshot, openmetrics=...)` makes the /metrics body, through `offload`; `notes()` are
+    what readiness and health add while ready (e.g. why attribution labels are missing).
     `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
     `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
     metrics_routes = {"/metrics": partial(_metrics, collector, render, offload, per_worker), "/": _index}
-    health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector),
-                     "/health": partial(_health, collector)}
+    health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector, notes),
+                     "/health": partial(_health, collector, notes)}
     all_routes = {**metrics_routes, **health_routes}
     same_port = metrics_port is None or metrics_port == health_port
 

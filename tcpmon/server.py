@@ -18,6 +18,7 @@ import time
 from functools import partial
 
 import gevent
+from gevent import monkey
 from gevent.pool import Group
 from gevent.server import StreamServer
 from gunicorn.app.base import BaseApplication
@@ -27,6 +28,7 @@ from gunicorn.workers.ggevent import GeventWorker
 
 from tcpmon import exposition, web
 from tcpmon.app import make_app
+from tcpmon.attribution import Attributor, Config
 from tcpmon.collector import Collector
 from tcpmon.serve_options import MAX_CONNECTIONS, READ_TIMEOUT, THREADS, split_addr
 from tcpmon.workers import PerWorker, WorkerSlots
@@ -231,13 +233,15 @@ class _Arbiter(Arbiter):
 class Exporter(BaseApplication):
     def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=THREADS,
                  log_level="info", read_mode="auto", read_timeout=READ_TIMEOUT,
-                 max_connections=MAX_CONNECTIONS, web_config_file=None, health_tls=False, networks=()):
+                 max_connections=MAX_CONNECTIONS, web_config_file=None, health_tls=False, networks=(),
+                 attribution=None):
         self.pin_dir = pin_dir
         self.read_mode = read_mode
         self.threads = threads
         self.read_timeout = read_timeout
         self.max_connections = max_connections
         self.networks = networks
+        self.attribution = attribution  # attribution.Config; None: outcome families by comm alone
         self.metrics_port = split_addr(metrics_addr, "--metrics-addr")[1]
         self.health_port = split_addr(health_addr, "--health-addr")[1]
         self.web_config_file = web_config_file
@@ -280,9 +284,18 @@ class Exporter(BaseApplication):
         if self.slots is not None:
             self.per_worker = PerWorker(self.slots, self.slot_index)
         self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload)
-        return make_app(self.collector, self.metrics_port, self.health_port,
-                        render=partial(exposition.render, networks=self.networks), offload=offload, web=self.web,
-                        per_worker=self.per_worker)
+        attributor = Attributor(self.attribution or Config(labels=()))
+        renderer = exposition.Renderer(attributor, networks=self.networks)
+        render_lock = monkey.get_original("threading", "Lock")()   # a real one: taken in native threads
+
+        def render(snapshot, **kwargs):
+            # One render at a time: the Renderer's caches and the attributor are not thread-safe.
+            with render_lock:
+                return renderer.render(snapshot, **kwargs)
+
+        return make_app(self.collector, self.metrics_port, self.health_port, render=render,
+                        notes=lambda: [attributor.problem] if attributor.problem else [], offload=offload,
+                        web=self.web, per_worker=self.per_worker)
 
     def publish(self):
         """This worker's counters into its slot (with --workers > 1), for the others' scrapes."""
