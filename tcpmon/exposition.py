@@ -8,6 +8,7 @@ supplies the process metrics.
 """
 import array
 import operator
+import re
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import exposition as text_format
@@ -199,9 +200,14 @@ def _comm_family(comm_totals, openmetrics):
     return header + render_comm_series(sample, comm_totals.keys, comm_totals.values, comm_totals.count)
 
 
+_UNDECODABLE = re.compile("[\udc80-\udcff]")   # a byte os.fsdecode could not decode (surrogateescape)
+
+
 def escape(value):
-    """A label value as the text formats write it."""
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    """A label value as the text formats write it.  A byte that was not UTF-8 (in a cgroup's name,
+    say) becomes the text \\xNN, as in comm labels, so one odd name cannot fail the whole scrape."""
+    value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    return _UNDECODABLE.sub(lambda found: f"\\\\x{ord(found.group()) - 0xDC00:02x}", value)
 
 
 def _labels(names, values):

@@ -76,7 +76,7 @@ def test_scrapes_and_health_hold_under_hostile_connections(loaded_10k):
         while attacker.poll() is None:
             status, body = fetch(server.metrics + "/metrics")
             if status != 200:
-                failures.append(("/metrics", status))
+                failures.append(("/metrics", status, body[:300]))
             else:
                 exported = {int(pid): (comm.decode(), int(n)) for comm, pid, n in PID_SERIES.findall(body)}
                 wrong = [pid for pid, want in expected.items() if exported.get(pid) != want]
