@@ -329,7 +329,10 @@ def tls_context(config):
     except ssl.SSLError as exc:
         raise WebConfigError(f"{where}.cipher_suites: {exc.reason or exc}") from None
     if tls.curve_preferences:
-        context.set_ecdh_curve(_CURVES[tls.curve_preferences[0]])
+        try:   # Python's ssl sets one curve; OpenSSL builds differ on which (X25519 often not)
+            context.set_ecdh_curve(_CURVES[tls.curve_preferences[0]])
+        except (ssl.SSLError, ValueError):
+            pass   # OpenSSL's default groups, which include every curve a web config can name
     if tls.prefer_server_cipher_suites:
         context.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
     context.set_alpn_protocols(["http/1.1"])
