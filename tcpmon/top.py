@@ -25,6 +25,7 @@ negative one.  A member whose cgroup is gone, or too new to be found yet, is in
 no row: rows of removed cgroups disappear.
 """
 import codecs
+import contextlib
 import json
 import shutil
 import sys
@@ -174,9 +175,8 @@ def read_sample(pin_dir, attributor=NO_LABELS):
     that touches them: re-point it when the maps change."""
     pins = Pins(pin_dir)
     taken = time.monotonic()
-    pids, pid_fill = _read(pins, maps.CONNECTS)
-    comms, comm_fill = _read(pins, maps.COMM_TOTALS)
-    outcomes, outcome_fill = _read(pins, maps.OUTCOMES)
+    (pids, pid_fill), (comms, comm_fill), (outcomes, outcome_fill) = _read(
+        pins, (maps.CONNECTS, maps.COMM_TOTALS, maps.OUTCOMES))
     view = attributor.view(entry["cgroup_id"] for entry in outcomes)
     return Sample(taken,
                   {PROCESSES.name: {(e["tgid"], e["comm"]): ((e["tgid"], e["comm"]), {"connects": e["connects"]})
@@ -188,13 +188,16 @@ def read_sample(pin_dir, attributor=NO_LABELS):
                   view.label_names, attributor.problem)
 
 
-def _read(pins, spec):
-    """The entries of one read of `spec`'s map as `tcpmon dump` decodes them (comms as
-    their labels), and the map's fill."""
-    with maps.open_map(pins, spec) as bpf_map:
-        count = bpf_map.read()
-        entries = [readable({**key, **value}) for key, value in spec.entries(bpf_map)]
-        return entries, MapFill(bpf_map.map_id, count, bpf_map.max_entries)
+def _read(pins, specs):
+    """[(entries, fill)] of one read of each map of `specs`, the entries as `tcpmon dump` decodes
+    them (comms as their labels).  Every map is read before any is decoded, so that the reads
+    are as close in time as they can be (a connect between two of them shows in one only)."""
+    with contextlib.ExitStack() as opened:
+        bpf_maps = [opened.enter_context(maps.open_map(pins, spec)) for spec in specs]
+        counts = [bpf_map.read() for bpf_map in bpf_maps]
+        return [([readable({**key, **value}) for key, value in spec.entries(bpf_map)],
+                 MapFill(bpf_map.map_id, count, bpf_map.max_entries))
+                for spec, bpf_map, count in zip(specs, bpf_maps, counts)]
 
 
 def _workload(view, entry):

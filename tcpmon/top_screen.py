@@ -6,7 +6,7 @@ tcpmon runs on (a pyenv build, Debian's /usr/bin/python3, the slim image), so
 it works with whatever TERM an SSH session brings; curses.wrapper gives the
 terminal back (endwin: normal screen, cursor, keypad) however the loop ends;
 resizes arrive as KEY_RESIZE.  rich or textual would add a dependency tree (and
-textual an asyncio application) to draw two tables.
+textual an asyncio application) to draw three tables.
 
 Keys: q quits; s cycles the sort, r t f l p n pick rate, total, failures, latency
 (p99), pid, name; / types a filter (applied as it is typed; Enter keeps it, Esc

@@ -196,10 +196,10 @@ def heading_lines(frame, width, ascii_only=False, marker="…"):
         title += f"  filter: {terminal_text(frame.name_filter, ascii_only)}"
     title += f"  over {frame.seconds:.2f}s" if frame.seconds else "  (rates from the next read)"
     title += f"  {terminal_text(frame.pin_dir, ascii_only)}"
-    fills = "  ".join(f"{name} {fill.entries}/{fill.max_entries}" for name, fill in frame.maps.items())
-    host = f"host {_rate_text(frame.host_rate)} conn/s {_rate_text(frame.host_failures_rate)} fail/s  {fills}"
+    host = [f"host {_rate_text(frame.host_rate)} conn/s {_rate_text(frame.host_failures_rate)} fail/s",
+            *(f"{name} {fill.entries}/{fill.max_entries}" for name, fill in frame.maps.items())]
     lines = [(clip(title, width, marker), "title")]
-    lines += [(text, "title") for text in wrap(host, width, 2, marker)]
+    lines += [(text, "title") for text in pack(host, width, 2, marker)]
     if frame.attribution_problem:
         problem = terminal_text(f"no pod/unit: {frame.attribution_problem}", ascii_only)
         lines.append((clip(problem, width, marker), "error"))
@@ -207,6 +207,18 @@ def heading_lines(frame, width, ascii_only=False, marker="…"):
         error = terminal_text(f"read failed (showing the read before): {frame.error}", ascii_only)
         lines += [(text, "error") for text in wrap(error, width, 2, marker)]
     return lines
+
+
+def pack(parts, width, most, marker="…"):
+    """`parts` joined by two spaces in at most `most` lines of `width` columns, a part never
+    split across lines (but cut, with the rest of the last line, if need be)."""
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if width_of(f"{lines[-1]}  {part}") <= width or len(lines) == most:
+            lines[-1] += f"  {part}"
+        else:
+            lines.append(part)
+    return [clip(line, width, marker) for line in lines]
 
 
 def wrap(text, width, most, marker="…"):

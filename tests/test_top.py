@@ -734,12 +734,14 @@ def test_json_is_one_document_with_a_plausible_rate(pin_dir):
     (row,) = document["processes"]
     assert row["pid"] == proc.pid and row["comm"] == proc.label and row["connects"] > 0
     assert 10 <= row["connects_rate"] <= 30, row  # paced at 20 per second
+    # the maps are read one after the other: a connect between two reads shows in one of them only
+    one_connect = 1 / document["seconds"] + 1e-9
     (name,) = document["names"]
-    assert name["comm"] == proc.label and name["connects_rate"] == pytest.approx(row["connects_rate"])
+    assert name["comm"] == proc.label and abs(name["connects_rate"] - row["connects_rate"]) <= one_connect
     assert set(document["maps"]) == {"connects", "comm_totals", "outcomes"}
     assert document["rows_before_filter"]["processes"] >= 1
     (outcome,) = document["outcomes"]
-    assert outcome["comm"] == proc.label and outcome["attempts_rate"] == pytest.approx(row["connects_rate"])
+    assert outcome["comm"] == proc.label and abs(outcome["attempts_rate"] - row["connects_rate"]) <= one_connect
 
 
 OUTCOME_FIELDS = {"pod_or_unit", "comm", "cgroups", "attempts", "attempts_rate", "failures", "failures_rate",
