@@ -162,7 +162,7 @@ def bpftrace_cgroups(comm_prefix):
         yield seen
     finally:
         tracer.send_signal(signal.SIGINT)
-        output, _ = tracer.communicate(timeout=30)
+        output, _ = tracer.communicate(timeout=120)  # a loaded machine is slow to detach and print
     for comm, cgroup_id, count in re.findall(r"^@\[(\S+), (\d+)\]: (\d+)$", output, re.M):
         seen[(comm, int(cgroup_id))] = int(count)
 
