@@ -22,6 +22,7 @@ from tcpmon.attribution import Attributor, Config
 from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
+from tcpmon.escaping import label_text
 
 CONTENT_TYPE_TEXT = text_format.CONTENT_TYPE_LATEST
 CONTENT_TYPE_OPENMETRICS = openmetrics_format.CONTENT_TYPE_LATEST
@@ -64,13 +65,14 @@ class Renderer:
         self.networks = networks
         self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
         self._texts = {}        # label names and values -> label text
+        self._shown = {}        # attribution label values -> the same in comm_label's notation
 
     def render(self, snapshot, openmetrics=False):
         """The whole /metrics body for one snapshot."""
         generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SnapshotFamilies(snapshot, self.attribution))
-        for cache in (self._key_labels, self._texts):
+        for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
@@ -120,7 +122,10 @@ class Renderer:
             if who is None:
                 continue
             comm, *rest = self._labels_of_key(spec, raw, trailing)
-            labels = (comm, *who, *rest)
+            shown = self._shown.get(who)
+            if shown is None:
+                shown = self._shown[who] = tuple(label_text(value) for value in who)
+            labels = (comm, *shown, *rest)
             group = groups_of.get(labels)
             if group is None:
                 group = groups_of[labels] = len(ages)

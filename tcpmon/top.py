@@ -35,6 +35,7 @@ from dataclasses import dataclass, replace
 from tcpmon import maps, top_text
 from tcpmon.attribution import Attributor, Config
 from tcpmon.dumping import readable
+from tcpmon.escaping import label_text
 from tcpmon.errors import TcpmonError
 from tcpmon.pins import Pins
 
@@ -205,7 +206,7 @@ def _workload(view, entry):
     labels = view.labels(entry["cgroup_id"])
     if labels is None:
         return None
-    shown = {name: top_text.label_text(value) for name, value in zip(view.label_names, labels)}
+    shown = {name: label_text(value) for name, value in zip(view.label_names, labels)}
     return (pod_or_unit(shown), entry["comm"])
 
 

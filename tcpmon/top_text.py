@@ -7,7 +7,7 @@ escape codes here; a line's style is a name the screen maps to an attribute.
 Names arrive as the exposition's label text (tcpmon._render.comm_label: control
 bytes, backslash and invalid UTF-8 as \\xNN); attribution values (a unit is a
 cgroup directory's name, which may hold any byte but '/') are made label text
-the same way by `label_text`.  Valid UTF-8 can still hold characters a terminal
+the same way by `tcpmon.escaping.label_text`.  Valid UTF-8 can still hold characters a terminal
 acts on or that reorder what it shows: C1 controls (U+0080..U+009F, U+009B is
 CSI), bidi overrides and other format characters, line and paragraph
 separators.  `terminal_text` writes those as the \\xNN of their UTF-8 bytes
@@ -15,27 +15,13 @@ too, in the same notation, which stays one-to-one because every backslash in a
 label is an escape.  Widths count East Asian wide characters as two columns and
 combining marks as none.
 """
-import re
 import textwrap
 import unicodedata
+
 
 _UNSAFE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
 _SUFFIXES = ("", "k", "M", "G", "T", "P", "E", "Z")
 GAP = 2  # blank columns between two columns
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
-
-
-def label_text(value):
-    """A label value (str) in comm_label's notation: control characters, backslash and bytes
-    that are not UTF-8 (which os.scandir hands over as surrogates) as \\xNN of their bytes."""
-    try:
-        raw = value.encode("utf-8", "surrogateescape")
-    except UnicodeEncodeError:
-        raw = value.encode("utf-8", "surrogatepass")  # a lone surrogate from elsewhere: its bytes
-    text = raw.replace(b"\\", b"\\x5c").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda found: f"\\x{ord(found.group()):02x}", text)
-
-
 def terminal_text(text, ascii_only=False):
     """`text` with everything a terminal could act on as \\xNN; with `ascii_only` (a
     terminal that is not UTF-8) every non-ASCII character too."""

@@ -30,6 +30,7 @@ from conftest import ROOT, TCPMON, Connector, unique_comm
 from test_cli import help_options
 from tcpmon import exposition, maps, top, top_text
 from tcpmon._render import comm_label
+from tcpmon.escaping import label_text
 from tcpmon.attribution import Attributor, Config
 from tcpmon.attribution.labels import PATH_LABELS
 from tcpmon.attribution.paths import labels_of_path
@@ -545,7 +546,7 @@ def test_pod_or_unit(labels, shown):
     ("c1\u009bcsi", "c1\u009bcsi"),            # valid UTF-8: the label keeps it, terminal_text escapes it
 ])
 def test_label_text_writes_attribution_values_as_comm_labels(value, text):
-    assert top_text.label_text(value) == text == comm_label(os.fsencode(value))
+    assert label_text(value) == text == comm_label(os.fsencode(value))
 
 
 # --- outcome rows from real cgroups and real connects --------------------------------------
