@@ -43,7 +43,8 @@ def _readiness(collector, environ):
     problem = collector.readiness_problem()
     if problem:
         return _reply("503 Service Unavailable", f"not ready: {problem}\n")
-    return _reply("200 OK", "ready\n")
+    note = collector.capacity_note()  # a full map loses detail, not readiness
+    return _reply("200 OK", f"ready: {note}\n" if note else "ready\n")
 
 
 def _health(collector, environ):

@@ -268,8 +268,7 @@ def load(pin_dir=DEFAULT_PIN_DIR, attach="auto", object_path=None, max_pids=None
     candidates = _candidates(attach)
     mounts.ensure_bpffs(pins.dir)
     if os.path.lexists(pins.dir) and not os.path.isdir(pins.dir):
-        raise LoadError(f"pin dir {pins.dir} is not a directory: remove what is there ('rm {pins.dir}') "
-                        "or pass another --pin-dir")
+        raise LoadError(pins.not_a_directory())
     os.makedirs(pins.dir, mode=0o755, exist_ok=True)
     with _locked(pins.dir):
         current = state.inspect(pins)

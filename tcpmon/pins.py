@@ -20,6 +20,11 @@ class Pins:
         # the links: the kernel drops the lock when that process dies, however it dies.
         self.holder = self.dir / "foreground"
 
+    def not_a_directory(self):
+        """What to say when something else than a directory sits at the pin dir's path."""
+        return (f"pin dir {self.dir} is not a directory: remove what is there ('rm {self.dir}') "
+                "and run 'tcpmon load', or use another --pin-dir")
+
     def map(self, spec):
         return self.dir / spec.name
 

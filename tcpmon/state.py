@@ -87,8 +87,7 @@ def _pin_dir_problem(pins):
     if pins.dir.is_dir():
         return None
     if os.path.lexists(pins.dir):
-        return (f"pin dir {pins.dir} is not a directory: remove what is there ('rm {pins.dir}') "
-                "and run 'tcpmon load', or use another --pin-dir")
+        return pins.not_a_directory()
     parent = pins.dir.parent
     try:
         on_bpffs = mounts.fs_type(parent) == "bpf"
