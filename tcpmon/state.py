@@ -46,12 +46,15 @@ def held_by_foreground(pins):
         fd = os.open(pins.holder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return False
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot open {pins.holder} to test the foreground loader's lock: "
+                                 f"{exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno == errno.EWOULDBLOCK:
             return True
-        raise
+        raise OSError(exc.errno, f"flock {pins.holder}: {exc.strerror}") from None
     finally:
         os.close(fd)  # drops the shared lock, if taken
     return False

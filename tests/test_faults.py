@@ -88,6 +88,18 @@ def assert_nothing_behind(pin_dir, objects):
 
 # --- §2: attachment is a fact of the kernel ------------------------------------------------
 
+CAP_BPF_ONLY = ["setpriv", "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--"]
+
+
+def status_as_the_exporter(pin_dir):
+    """`tcpmon status --json` as the chart runs the exporter: CAP_BPF alone, /sys/fs/bpf read-only."""
+    run = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                          'mount -o remount,bind,ro /sys/fs/bpf && exec "$@"', "sh", *CAP_BPF_ONLY,
+                          *TCPMON, "status", "--json", "--pin-dir", pin_dir], capture_output=True, text=True, timeout=60)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run.returncode, json.loads(run.stdout)
+
+
 def hold_in_foreground(pin_dir):
     holder = subprocess.Popen([*TCPMON, "load", "--foreground", "--pin-dir", pin_dir],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -107,6 +119,8 @@ def test_a_foreground_loader_killed_by_sigkill_is_not_attached_and_load_attaches
             assert proc.active_opens == 2
         assert readiness(server) == (200, "ready\n")
         assert attached_metric(server.scrape()) == 1
+        code, report = status_as_the_exporter(fresh_pin_dir)
+        assert code == 0 and report["attached"] is True and report["held_by_foreground"] is True
         holder.send_signal(signal.SIGKILL)  # as the OOM killer would: no handler runs
         assert holder.wait(timeout=10) == -signal.SIGKILL
         assert os.path.exists(Pins(fresh_pin_dir).connect_prog)  # the programs stay pinned
@@ -115,6 +129,7 @@ def test_a_foreground_loader_killed_by_sigkill_is_not_attached_and_load_attaches
         assert code == 3 and report["attached"] is False and report["held_by_foreground"] is False
         assert "no 'tcpmon load --foreground' holds them" in report["problem"], report
         assert report["problem"].endswith("run 'tcpmon load'")
+        assert status_as_the_exporter(fresh_pin_dir) == (code, report)
         status, body = readiness(server)
         assert (status, body) == (503, f"not ready: {report['problem']}\n")
         text = server.scrape()
@@ -611,7 +626,7 @@ def test_the_exporter_serves_from_a_read_only_root_with_a_full_tmp(pin_dir):
 
 STORM = """
 import gc, json, os, sys
-from tcpmon import cli
+from tcpmon import cli, dumping  # imported once, before the forks
 
 pin_dir, out_dir, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
 go_read, go_write = os.pipe()
@@ -643,8 +658,10 @@ print(json.dumps(codes))
 """
 
 
-def test_a_thousand_concurrent_status_and_dump_calls_against_a_live_probe(pin_dir, tmp_path):
-    calls = 1000
+def test_a_thousand_concurrent_status_and_dump_calls_against_a_live_probe(fresh_pin_dir, tmp_path):
+    # Small maps: each call's read buffers are sized from them, a thousand times over.
+    loader.load(fresh_pin_dir, max_pids=1024, max_comms=1024, max_sockets=1024, max_outcomes=1024)
+    pin_dir, calls = fresh_pin_dir, 1000
     with Connector(unique_comm(), opened=2, refused=1) as proc:
         run = subprocess.run([sys.executable, "-c", STORM, pin_dir, str(tmp_path), str(calls)],
                              capture_output=True, text=True, timeout=600)
