@@ -17,7 +17,7 @@ import pytest
 
 from conftest import TCPMON, Connector, Exporter, http_get, open_fds, process_tree, unique_comm
 from metrics import comm_total, pid_value, pids_of, samples
-from tcpmon import _maps, collector, exposition, loader, maps, state
+from tcpmon import _maps, collector, exposition, loader, maps, mounts, state
 from tcpmon.pins import Pins
 
 TOOLS = Path(__file__).resolve().parent / "tools"
@@ -200,6 +200,7 @@ def test_a_kernel_that_refuses_batch_lookups_costs_one_failed_call_per_worker(pi
 def churned_map(fresh_pin_dir, request):
     """A pinned `connects`-shaped hash map of `request.param` entries that tests/tools/churn.py
     keeps full while replacing its keys; key k always holds the value k."""
+    mounts.ensure_bpffs(fresh_pin_dir)  # on a fresh host nothing has mounted it yet
     os.makedirs(fresh_pin_dir)
     path = f"{fresh_pin_dir}/connects"
     subprocess.run(["bpftool", "map", "create", path, "type", "hash", "key", "4", "value", "24",
