@@ -38,6 +38,7 @@ def map_type_name(unsigned int map_type):
 
 # What /proc/self/fd/N names for each kind of BPF object (anon inodes; bpftool tells them apart the same way).
 _FD_KINDS = {"anon_inode:bpf-map": "map", "anon_inode:bpf-prog": "program", "anon_inode:bpf_link": "link"}
+_KIND_TEXT = {"map": "a BPF map", "program": "a BPF program", "link": "a BPF link", "directory": "a directory"}
 
 
 cdef int _obj_get(object path, unsigned int flags):
@@ -83,20 +84,20 @@ cdef int obj_get(object path, unsigned int flags, str kind) except -1:
     WrongPinError when another kind of object is pinned there."""
     cdef int fd = _obj_get(path, flags)
     if fd < 0:
-        err = -fd
-        found = pin_kind(path) if err in (EINVAL, EACCES) else None
+        # The kernel says EINVAL for a program or link opened read-only, EACCES for a directory.
+        found = pin_kind(path) if -fd in (EINVAL, EACCES) else None
         if found is not None and found != kind:
-            raise WrongPinError(f"{path} is a {_KIND_TEXT[found]}, not a BPF {kind}: "
-                                "run 'tcpmon unload' and load again")
-        raise bpf_error("BPF_OBJ_GET", err, path)
+            raise _wrong_kind(path, found, kind)
+        raise bpf_error("BPF_OBJ_GET", -fd, path)
     found = _fd_kind(fd)
     if found is not None and found != kind:
         close(fd)
-        raise WrongPinError(f"{path} is a {_KIND_TEXT[found]}, not a BPF {kind}: run 'tcpmon unload' and load again")
+        raise _wrong_kind(path, found, kind)
     return fd
 
 
-_KIND_TEXT = {"map": "BPF map", "program": "BPF program", "link": "BPF link", "directory": "directory"}
+def _wrong_kind(path, found, kind):
+    return WrongPinError(f"{path} is {_KIND_TEXT[found]}, not {_KIND_TEXT[kind]}: run 'tcpmon unload' and load again")
 
 
 cdef int obj_info(int fd, void *info, uint32_t size, object path) except -1:

@@ -190,5 +190,6 @@ class Collector:
         if len(reads) == len(SCRAPED) - 1 and failures is not None:
             self._last_error = None
         return Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
-                        read_truncations=dict(self._truncations), probe_state=probe_state, bpf_stats_enabled=state.bpf_stats_enabled(),
-                        duration=time.perf_counter() - started, last_error=self._last_error)
+                        read_truncations=dict(self._truncations), probe_state=probe_state,
+                        bpf_stats_enabled=state.bpf_stats_enabled(), duration=time.perf_counter() - started,
+                        last_error=self._last_error)

@@ -86,11 +86,9 @@ def _hold_lock(pins):
     The fd stays open (and the lock held) until hold() returns or the process dies."""
     os.makedirs(pins.holder, exist_ok=True)
     fd = os.open(pins.holder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise LoadError(f"another 'tcpmon load --foreground' holds {pins.holder}: stop it first") from None
+    # Blocks only for a reader's instant: loaders take turns under _locked(), and this one
+    # found no live holder.
+    fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 
@@ -321,11 +319,11 @@ def hold(result, ready=lambda: None):
     ready()
     while not stop:
         signal.pause()
+    pins = Pins(result.pin_dir)
+    _release_lock(pins, result.holder)  # first: the lock must never outlive the links
     for link in reversed(result.links):  # the connect program first
         link.destroy()
-    pins = Pins(result.pin_dir)
     _remove(pins.programs())
-    _release_lock(pins, result.holder)
 
 
 def unload(pin_dir=DEFAULT_PIN_DIR):
