@@ -600,6 +600,11 @@ for mount_point in $(awk '{print $2}' /proc/self/mounts | sort -u); do
     mount -o remount,bind,ro "$mount_point" 2>/dev/null || true
 done
 mount -t tmpfs -o size=64k tmpfs /tmp
+case "$PWD" in /tmp/*)  # a checkout under /tmp: bind it back (our cwd still is the original)
+    mkdir -p "$PWD"
+    mount --no-canonicalize --bind /proc/self/cwd "$PWD"
+    mount -o remount,bind,ro "$PWD";;
+esac
 dd if=/dev/zero of=/tmp/fill bs=4k 2>/dev/null || true
 for path in /tmp/one-more "$PWD/.rw-check" /sys/fs/bpf/rw-check /root/.rw-check; do
     if (printf x > "$path") 2>/dev/null; then echo "could write $path" >&2; exit 9; fi
