@@ -33,7 +33,7 @@ setup(
     description="eBPF exporter counting TCP connect attempts per process for Prometheus",
     license="BSD-2-Clause",
     python_requires=">=3.9",
-    packages=["tcpmon"],
+    packages=["tcpmon", "tcpmon.attribution"],
     package_data={"tcpmon": ["data/*.bpf.o"]},
     ext_modules=cythonize(extensions, language_level=3),
     install_requires=["prometheus-client>=0.17", "gunicorn>=23,<28"],

@@ -11,7 +11,11 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from rawbpf cimport TCPMON_COMM_LEN, tcpmon_comm_key, tcpmon_pid_value
+from libc.stdint cimport int32_t
+from libc.string cimport memset
+
+from rawbpf cimport (TCPMON_COMM_LEN, TCPMON_LATENCY_SLOTS, TCPMON_RESULT_COUNT, TCPMON_RESULT_SUCCESS,
+                     tcpmon_comm_key, tcpmon_outcome_value, tcpmon_pid_value)
 
 cdef const char *HEX = b"0123456789abcdef"
 cdef enum:
@@ -179,3 +183,124 @@ def render_comm_series(bytes name, const unsigned char[::1] keys,
         for i in range(count):
             lines.sample(comms[i].comm, NULL, totals[i])
     return lines.take()
+
+
+cdef size_t put_seconds(char *out, uint64_t ns) noexcept nogil:
+    """ns as decimal seconds, exactly: whole seconds, then up to nine digits, trailing zeros cut."""
+    cdef size_t n = put_u64(out, ns // 1000000000)
+    cdef uint64_t frac = ns % 1000000000
+    cdef int digits = 9, i
+    if frac == 0:
+        return n
+    while frac % 10 == 0:
+        frac //= 10
+        digits -= 1
+    out[n] = c'.'
+    for i in range(digits, 0, -1):
+        out[n + i] = c'0' + <char>(frac % 10)
+        frac //= 10
+    return n + 1 + digits
+
+
+cdef class _Text:
+    """A growing output buffer of sample lines."""
+    cdef bytearray buf
+    cdef Py_ssize_t used
+
+    def __cinit__(self, Py_ssize_t size):
+        self.buf = bytearray(size)
+        self.used = 0
+
+    cdef char *room(self, Py_ssize_t need) except NULL:
+        if self.used + need > len(self.buf):
+            self.buf.extend(bytes(max(need, len(self.buf))))
+        return <char *>self.buf + self.used
+
+    cdef void put(self, const char *text, Py_ssize_t n) except *:
+        memcpy(self.room(n), text, n)
+        self.used += n
+
+    cdef bytes take(self):
+        return bytes(self.buf[:self.used])
+
+
+def _group_sums(const unsigned char[::1] values, Py_ssize_t stride, Py_ssize_t count,
+                const int32_t[::1] group_of, Py_ssize_t groups, Py_ssize_t width):
+    """Per group, the sum of the first `width` u64 of every entry in it (-1: left out)."""
+    cdef uint64_t[::1] sums = memoryview(bytearray(max(groups, 1) * width * sizeof(uint64_t))).cast("Q")
+    cdef const uint64_t *entry
+    cdef Py_ssize_t i, j, g
+    if <size_t>values.shape[0] < <size_t>(count * stride) or group_of.shape[0] < count:
+        raise ValueError(f"buffers too small for {count} entries")
+    with nogil:
+        for i in range(count):
+            g = group_of[i]
+            if g < 0 or g >= groups:
+                continue
+            entry = <const uint64_t *>&values[i * stride]
+            for j in range(width):
+                sums[g * width + j] += entry[j]
+    return sums
+
+
+def render_outcomes(bytes results_name, bytes latency_name, list results, list bounds,
+                    const unsigned char[::1] values, Py_ssize_t count,
+                    const int32_t[::1] group_of, list group_labels):
+    """The sample lines of the two outcome families, entries of the outcomes map summed per
+    label set: entry i belongs to group_of[i] (-1: left out), whose label text (escaped,
+    without braces) is group_labels[group_of[i]].  `results` are the result labels and `bounds`
+    the le values of all but the last latency slot.  Returns (counter lines, histogram lines)."""
+    cdef Py_ssize_t groups = len(group_labels), width = sizeof(tcpmon_outcome_value) // 8, g, r
+    cdef uint64_t[::1] sums = _group_sums(values, sizeof(tcpmon_outcome_value), count, group_of, groups, width)
+    cdef _Text counters = _Text(groups * 6 * 96 + 1), histogram = _Text(groups * 30 * 112 + 1)
+    cdef const tcpmon_outcome_value *total
+    cdef uint64_t cumulative
+    cdef char number[48]
+    cdef bytes labels, text
+    if len(results) != TCPMON_RESULT_COUNT or len(bounds) != TCPMON_LATENCY_SLOTS - 1:
+        raise ValueError("results and bounds do not match the ABI")
+    for g in range(groups):
+        labels = group_labels[g]
+        total = <const tcpmon_outcome_value *>&sums[g * width]
+        for r in range(TCPMON_RESULT_COUNT):
+            text = results[r]
+            _sample(counters, results_name, b"_total{", labels, b',result="', text, b'"} ', total.results[r])
+        cumulative = 0
+        for r in range(TCPMON_LATENCY_SLOTS - 1):
+            cumulative += total.latency[r]
+            text = bounds[r]
+            _sample(histogram, latency_name, b"_bucket{", labels, b',le="', text, b'"} ', cumulative)
+        _sample(histogram, latency_name, b"_bucket{", labels, b',le="', b"+Inf", b'"} ',
+                total.results[TCPMON_RESULT_SUCCESS])
+        histogram.put(latency_name, len(latency_name))
+        histogram.put("_sum{", 5)
+        histogram.put(labels, len(labels))
+        histogram.put("} ", 2)
+        histogram.put(number, put_seconds(number, total.duration_ns))
+        histogram.put("\n", 1)
+        _sample(histogram, latency_name, b"_count{", labels, b"", b"", b"} ", total.results[TCPMON_RESULT_SUCCESS])
+    return counters.take(), histogram.take()
+
+
+def render_grouped_counters(bytes sample_name, const unsigned char[::1] values, Py_ssize_t stride,
+                            Py_ssize_t count, const int32_t[::1] group_of, list group_labels):
+    """`sample_name{labels} total` per group, totals summed from the first u64 of each entry."""
+    cdef Py_ssize_t groups = len(group_labels), g
+    cdef uint64_t[::1] sums = _group_sums(values, stride, count, group_of, groups, 1)
+    cdef _Text out = _Text(groups * 128 + 1)
+    for g in range(groups):
+        _sample(out, sample_name, b"{", group_labels[g], b"", b"", b"} ", sums[g])
+    return out.take()
+
+
+cdef void _sample(_Text out, bytes name, bytes open_, bytes labels, bytes sep, bytes extra, bytes close,
+                  uint64_t value) except *:
+    cdef char number[MAX_U64_TEXT]
+    out.put(name, len(name))
+    out.put(open_, len(open_))
+    out.put(labels, len(labels))
+    out.put(sep, len(sep))
+    out.put(extra, len(extra))
+    out.put(close, len(close))
+    out.put(number, put_u64(number, value))
+    out.put("\n", 1)

@@ -91,6 +91,15 @@ cdef extern from "<linux/bpf.h>":
 cdef extern from "tcpmon.h":
     enum:
         TCPMON_COMM_LEN
+        TCPMON_RESULT_COUNT
+        TCPMON_RESULT_SUCCESS
+        TCPMON_LATENCY_SLOTS
+
+    struct tcpmon_outcome_value:
+        uint64_t attempts
+        uint64_t results[TCPMON_RESULT_COUNT]
+        uint64_t duration_ns
+        uint64_t latency[TCPMON_LATENCY_SLOTS]
 
     struct tcpmon_pid_value:
         uint64_t connects

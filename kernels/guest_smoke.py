@@ -15,6 +15,7 @@ Also the connector: `guest_smoke.py --connector PORT N` renames itself and conne
 """
 import argparse
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -39,14 +40,27 @@ SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<labels>[^}]*)\}\s
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
+def refused_share(count):
+    """How many of a mode's `count` connects go to a closed port (the rest succeed)."""
+    return count // 3
+
+
 def connector(port, count):
-    """Runs in the child: take the known comm, connect `count` times, wait for stdin to close."""
+    """Runs in the child: take the known comm, connect `count` times (refused_share(count) of
+    them to a port that does not listen), wait for stdin to close."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(PR_SET_NAME, COMM.encode(), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NAME)")
-    for _ in range(count):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connects get RST
+    refused = refused_share(count)
+    for _ in range(count - refused):
         with socket.create_connection(("127.0.0.1", port), timeout=30):
             pass
+    for _ in range(refused):
+        with socket.socket() as sock:
+            if sock.connect_ex(closed.getsockname()) != errno.ECONNREFUSED:
+                raise SystemExit("a connect to the closed port was not refused")
     print("connected", flush=True)
     sys.stdin.read()
 
@@ -112,7 +126,9 @@ class Guest:
 
     def smoke(self, mode, expected):
         pin_dir = f"/sys/fs/bpf/tcpmon-kern-{os.getpid()}-{mode}"
+        refused = refused_share(expected)
         result = {"mode": mode, "expected": expected, "dump": None, "metrics": None,
+                  "expected_outcomes": {"success": expected - refused, "refused": refused}, "outcomes": {},
                   "comm_ok": None, "attached_mode": None, "link_type": None, "loader_exited": None,
                   "pid_dropped_on_exit": None, "unloaded": None, "errors": [], "seconds": {}}
         started = time.monotonic()
@@ -241,6 +257,9 @@ class Guest:
             elif match["name"] == "tcpmon_connect_attempts_total":
                 # the per-comm total: the maps are fresh for every mode, so it is N too
                 result["comm_total"] = float(match["value"])
+            elif match["name"] == "tcpmon_connects_total" and labels.get("result") in ("success", "refused"):
+                value = float(match["value"])
+                result["outcomes"][labels["result"]] = int(value) if value.is_integer() else value
         if found is None:
             result["errors"].append(f"/metrics has no tcp_connects_by_pid sample for pid {pid}")
             return 0, samples

@@ -83,6 +83,10 @@ def judge(result, must_work):
         reasons.append(f"exporter showed {result.get('metrics')}, expected {expected}")
     if result.get("comm_total") not in (None, expected):
         reasons.append(f"per-comm total {result.get('comm_total')}, expected {expected}")
+    for outcome, want in (result.get("expected_outcomes") or {}).items():
+        got = result.get("outcomes", {}).get(outcome)
+        if got != want:
+            reasons.append(f"{outcome} connects {got}, expected {want}")
     if result.get("comm_ok") is not True:
         reasons.append("comm in the map is not the connector's")
     if result.get("pid_dropped_on_exit") is not True:
@@ -198,17 +202,19 @@ def markdown(rows, kernels, failures):
            "",
            "Each guest is a Debian kernel booted under qemu with TCG (no KVM) and no network device. "
            "For every attach mode the smoke runs `tcpmon load --attach MODE` (the loader exits), "
-           "then a process named `tcpmon-smoke` makes N TCP connects to a loopback listener "
-           "(N random per mode), then `tcpmon dump --json` and the `/metrics` of `tcpmon serve` must "
-           "both show exactly N for that PID; the PID must leave the map when the process exits, and "
-           "`tcpmon unload` must remove the pins and free the programs.",
+           "then a process named `tcpmon-smoke` makes N TCP connects (N random per mode), a third of "
+           "them to a loopback port that does not listen and the rest to a loopback listener; then "
+           "`tcpmon dump --json` and the `/metrics` of `tcpmon serve` must both show exactly N for that "
+           "PID, and `tcpmon_connects_total` exactly the successes and the refusals; the PID must leave "
+           "the map when the process exits, and `tcpmon unload` must remove the pins and free the "
+           "programs.",
            "",
            "Cells are counted/expected.  Every connect happens after `tcpmon load` has exited, so a "
            "passing row also proves the pinned link keeps counting without the loader.",
            "",
            "| kernel | arch | attach mode | link | `tcpmon dump` | exporter | per-comm total | "
-           "PID dropped on exit | unload | result |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "success | refused | PID dropped on exit | unload | result |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = {m: i for i, m in enumerate(MODES_ORDER)}
     runs = {k["label"]: i for i, k in enumerate(kernels)}   # matrix.conf order
     for row in sorted(rows, key=lambda r: (runs.get(r["label"], 99), order.get(r["result"].get("mode"), 99))):
@@ -228,6 +234,8 @@ def markdown(rows, kernels, failures):
             f"{row['kernel']}", row["arch"], mode, r.get("link_type") or "–",
             cell(r.get("dump"), expected), cell(r.get("metrics"), expected),
             cell(int(total) if isinstance(total, float) and total.is_integer() else total, expected),
+            *(cell(r.get("outcomes", {}).get(outcome), want) if want is not None else "–"
+              for outcome, want in ((o, (r.get("expected_outcomes") or {}).get(o)) for o in ("success", "refused"))),
             yes_no.get(r.get("pid_dropped_on_exit"), "–"), yes_no.get(r.get("unloaded"), "–"),
             verdict.replace("|", "\\|")]) + " |")
     out += ["", "## What the table says", ""] + summary(rows, kernels)

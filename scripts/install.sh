@@ -50,11 +50,12 @@ install_package() {
 	[ -x "$python" ] || die "$python not found: install python3, python3-venv and python3-dev or set PYTHON"
 	# Build the wheel from a copy, with $python itself, so its extensions match the
 	# interpreter of /opt/tcpmon; nothing is written into the work tree.
-	mkdir -p "$src/tcpmon/data" "$src/ext"
+	mkdir -p "$src/tcpmon/data" "$src/tcpmon/attribution" "$src/ext"
 	cp -r "$repo/setup.py" "$repo/bpf" "$src/"
 	cp "$repo"/ext/*.pyx "$repo"/ext/*.pxd "$src/ext/"
 	find "$repo/ext" -maxdepth 1 -name '*.h' -exec cp {} "$src/ext/" \;
 	cp "$repo"/tcpmon/*.py "$src/tcpmon/"
+	cp "$repo"/tcpmon/attribution/*.py "$src/tcpmon/attribution/"
 	cp "$obj" "$src/tcpmon/data/"
 	"$python" -m venv "$scratch/build-venv" || die "$python -m venv failed: install python3-venv"
 	"$scratch/build-venv/bin/pip" install -q --disable-pip-version-check cython setuptools wheel ||

@@ -120,9 +120,9 @@ step_chart() {
 	local chart=$root/charts/tcpmon
 	"$helm" lint --strict --quiet --kube-version "$k8s_version" "$chart" >&2 || return 1
 	"$helm" lint --strict --quiet --kube-version "$k8s_version" "$chart" \
-		--set serviceMonitor.enabled=true,prometheusRule.enabled=true,unload=true >&2 || return 1
+		--set serviceMonitor.enabled=true,prometheusRule.enabled=true,dashboard.enabled=true,unload=true >&2 || return 1
 	render default || return 1
-	render monitoring --set serviceMonitor.enabled=true,prometheusRule.enabled=true || return 1
+	render monitoring --set serviceMonitor.enabled=true,prometheusRule.enabled=true,dashboard.enabled=true || return 1
 	render unload --set unload=true || return 1
 	kube_validate "$scratch/default.yaml" "$scratch/monitoring.yaml" "$scratch/unload.yaml" \
 		"$root/k8s/debug-daemonset.yaml" || return 1
@@ -188,7 +188,7 @@ step_yaml() {
 
 step_json() {
 	local f
-	for f in "$root"/.vscode/*.json "$root/charts/tcpmon/values.schema.json"; do
+	for f in "$root"/.vscode/*.json "$root/charts/tcpmon/values.schema.json" "$root"/charts/tcpmon/dashboards/*.json; do
 		"$venv/bin/python" -m json.tool "$f" >/dev/null || {
 			echo "lint: $f is not valid JSON" >&2
 			return 1

@@ -39,17 +39,16 @@ def _liveness(environ):
     return _reply("200 OK", "alive\n")
 
 
-def _readiness(collector, environ):
+def _readiness(collector, notes, environ):
     problem = collector.readiness_problem()
     if problem:
         return _reply("503 Service Unavailable", f"not ready: {problem}\n")
-    note = collector.capacity_note()  # a full map loses detail, not readiness
-    return _reply("200 OK", f"ready: {note}\n" if note else "ready\n")
+    return _reply("200 OK", "ready\n" + "".join(f"note: {note}\n" for note in notes()))
 
 
-def _health(collector, environ):
+def _health(collector, notes, environ):
     problem = collector.readiness_problem()
-    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3)}
+    report = {"ready": problem is None, "alive": True, "timestamp": round(time.time(), 3), "notes": notes()}
     snapshot = collector.snapshot()
     report["attach_mode"] = snapshot.probe_state.mode if snapshot.probe_state else None
     report["map_entries"] = snapshot.connects.count if snapshot.connects else None
@@ -59,12 +58,19 @@ def _health(collector, environ):
     return _reply(status, json.dumps(report) + "\n", "application/json")
 
 
-def make_app(collector, metrics_port=None, health_port=None, render=exposition.render):
+def _with_capacity_notes(collector, notes):
+    """A map that ran full loses detail, not readiness: it is a note."""
+    return collector.capacity_notes() + list(notes())
+
+
+def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, notes=lambda: []):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
-    `render(snapshot, openmetrics=...)` makes the /metrics body."""
+    `render(snapshot, openmetrics=...)` makes the /metrics body; `notes()` are what readiness
+    and health add while ready (e.g. why attribution labels are missing)."""
+    notes = partial(_with_capacity_notes, collector, notes)
     metrics_routes = {"/metrics": partial(_metrics, collector, render), "/": _index}
-    health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector),
-                     "/health": partial(_health, collector)}
+    health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector, notes),
+                     "/health": partial(_health, collector, notes)}
     all_routes = {**metrics_routes, **health_routes}
 
     def routes_for(environ):

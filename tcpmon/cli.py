@@ -1,4 +1,4 @@
-"""The tcpmon command: load | unload | status | dump | serve | run.
+"""The tcpmon command: load | unload | status | dump | serve | run | top.
 
 Every flag has an environment twin (TCPMON_<FLAG>), read after parsing and
 only for the command that runs; a flag given on the command line wins.  Errors are one line on stderr and a non-zero exit.
@@ -74,6 +74,16 @@ class _Parser(argparse.ArgumentParser):
         return value
 
 
+def _seconds(text):
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds from 0.1 to 3600")
+    return value
+
+
 def _common(parser):
     _option(parser, "--pin-dir", DEFAULT_PIN_DIR, "bpffs directory holding tcpmon's maps and links")
     _option(parser, "--log-level", "info", "log verbosity", choices=_LOG_LEVELS)
@@ -92,6 +102,35 @@ def _load_options(parser):
     _option(parser, "--max-destinations", None, "capacity of the destinations map", type=_positive_int)
 
 
+def _labels(text):
+    from tcpmon.attribution import parse_labels
+    try:
+        parse_labels(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _attribution_options(parser):
+    from tcpmon.attribution import DEFAULT_MAX_CGROUPS, DEFAULT_MAX_SERIES
+    _option(parser, "--labels", "auto", "attribution labels: auto (unit,container_id,pod_uid, + namespace,pod,"
+            "container with --kubernetes), all, none, or a comma list", type=_labels)
+    _option(parser, "--max-series", DEFAULT_MAX_SERIES, "label sets per family; the rest are summed into ~other",
+            type=_positive_int)
+    _option(parser, "--max-cgroups", DEFAULT_MAX_CGROUPS, "cgroup id -> path entries cached", type=_positive_int)
+    _option(parser, "--cgroup-root", "auto", "where to look for the cgroup2 mount (in a pod: the host's /sys/fs/cgroup)")
+    _switch(parser, "--kubernetes", "namespace, pod and container names from the Kubernetes API (in a pod)")
+    _option(parser, "--node-name", None, "this node's name, for --kubernetes (the chart sets it from spec.nodeName)")
+
+
+def attribution_config(args):
+    """The attribution.Config that serve's flags describe."""
+    from tcpmon.attribution import Config, parse_labels
+    return Config(labels=parse_labels(args.labels, args.kubernetes), max_series=args.max_series,
+                  max_cgroups=args.max_cgroups, cgroup_root=args.cgroup_root, kubernetes=args.kubernetes,
+                  node_name=args.node_name or "")
+
+
 def _serve_options(parser):
     _option(parser, "--metrics-addr", "0.0.0.0:9090", "HOST:PORT serving /metrics")
     _option(parser, "--health-addr", "0.0.0.0:8080", "HOST:PORT serving /liveness, /readiness, /health")
@@ -100,6 +139,17 @@ def _serve_options(parser):
     _option(parser, "--read-mode", "auto", "map read: batch lookups with per-key fallback, or force one",
             choices=_READ_MODES)
     _option(parser, "--networks", None, "NAME=CIDR,... naming remote networks in tcpmon_connect_destinations_total")
+    _attribution_options(parser)
+
+
+def _top_options(parser):
+    from tcpmon.top import SORT_KEYS
+    _option(parser, "--interval", 1.0, "seconds between reads; a rate takes two reads, so --once and --json "
+            "read twice this far apart", type=_seconds)
+    _option(parser, "--sort", "rate", "row order (keys s, r, t, p, n on the screen)", choices=SORT_KEYS)
+    _option(parser, "--filter", None, "show only names containing this text, any case (key / on the screen)")
+    _switch(parser, "--once", "print one frame to stdout and exit: no terminal needed")
+    _switch(parser, "--json", "print one JSON document and exit (as --once)")
 
 
 def build_parser():
@@ -137,6 +187,10 @@ def build_parser():
     _common(run)
     _load_options(run)
     _serve_options(run)
+
+    top = command("top", "live view of connect rates from the pinned maps (no exporter needed)")
+    _common(top)
+    _top_options(top)
     return parser
 
 
@@ -242,7 +296,7 @@ def cmd_serve(args):
     from tcpmon.destinations import parse_networks
     Exporter(args.pin_dir, args.metrics_addr, args.health_addr, workers=args.workers,
              threads=args.threads, log_level=args.log_level, read_mode=args.read_mode,
-             networks=parse_networks(args.networks)).run()
+             networks=parse_networks(args.networks), attribution=attribution_config(args)).run()
     return 0
 
 
@@ -251,13 +305,20 @@ def cmd_run(args):
     return cmd_serve(args)
 
 
+def cmd_top(args):
+    from tcpmon import top
+    return top.main(args.pin_dir, args.interval, args.sort, args.filter, once=args.once, as_json=args.json)
+
+
 COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump": cmd_dump,
-            "serve": cmd_serve, "run": cmd_run}
+            "serve": cmd_serve, "run": cmd_run, "top": cmd_top}
 
 
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "kubernetes", False) and not args.node_name:
+        parser.error("--kubernetes needs --node-name (env TCPMON_NODE_NAME; the chart sets it from spec.nodeName)")
     logging.basicConfig(level=args.log_level.upper(), format="tcpmon: %(levelname)s: %(message)s")
     if args.log_level == "debug" and args.command in ("load", "run"):
         from tcpmon import _libbpf

@@ -100,17 +100,16 @@ class Collector:
             return describe(exc)
         return None
 
-    def capacity_note(self):
-        """Which maps ran full since load (the probe counted what it had no room for), or None."""
+    def capacity_notes(self):
+        """One line per map that ran full since load (the probe counted what it had no room for)."""
         try:
             with maps.open_map(self.pins, maps.UPDATE_FAILURES) as failures:
                 failures.read(self.read_mode)
                 lost = maps.failures_by_map(failures)
         except Exception:
-            return None  # readiness_problem() reports a probe that cannot be read
-        full = [f"map {name} ran full: {count} connects it had no room for since load "
+            return []  # readiness_problem() reports a probe that cannot be read
+        return [f"map {name} ran full: {count} connects it had no room for since load "
                 f"(raise {maps.CAPACITY_FLAGS[name]})" for name, count in lost.items() if count]
-        return "; ".join(full) or None
 
     def close(self):
         for bpf_map, _ in self._open.values():

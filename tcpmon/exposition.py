@@ -1,10 +1,14 @@
 """Snapshot -> Prometheus text format 0.0.4 or OpenMetrics 1.0.
 
-The two families that grow with the host (per PID, per comm) are rendered by
-the Cython hot path straight from the map bytes; the outcome families are
-summed per label set here; the small ones go through prometheus-client, which
-also supplies the process metrics.
+The families that grow with the host are rendered by the Cython hot path
+straight from the map bytes: per PID, per comm, and the outcome families,
+whose entries are summed per label set (Python only works out each key's label
+text, once).  The small families go through prometheus-client, which also
+supplies the process metrics.
 """
+import array
+import operator
+
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
@@ -12,7 +16,10 @@ from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.utils import floatToGoString
 
 from tcpmon import __version__, maps
-from tcpmon._render import comm_label, render_comm_series, render_pid_series
+from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
+                            render_pid_series)
+from tcpmon.attribution import Attributor, Config
+from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
 
@@ -36,17 +43,6 @@ LATENCY_BOUNDS = tuple(floatToGoString(2 ** (slot + 1) / 1e6) for slot in range(
 
 
 
-class _NoAttribution:
-    """Outcome families labelled by comm alone."""
-    label_names = ()
-
-    @staticmethod
-    def labels(cgroup_id):
-        return ()
-
-
-NO_ATTRIBUTION = _NoAttribution()
-
 _PROCESS_REGISTRY = CollectorRegistry(auto_describe=False)
 ProcessCollector(registry=_PROCESS_REGISTRY)
 PlatformCollector(registry=_PROCESS_REGISTRY)
@@ -57,17 +53,127 @@ def wants_openmetrics(accept_header):
     return "application/openmetrics-text" in (accept_header or "")
 
 
-def render(snapshot, openmetrics=False, attribution=NO_ATTRIBUTION, networks=()):
-    """The whole /metrics body for one snapshot."""
-    generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_SnapshotFamilies(snapshot))
-    parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
-             _outcome_families(snapshot, attribution, openmetrics),
-             _destination_family(snapshot, attribution, networks, openmetrics),
-             generate(registry), generate(_PROCESS_REGISTRY)]
-    body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
-    return body + _EOF if openmetrics else body
+class Renderer:
+    """Renders snapshots for one worker, with `attribution` (an attribution.Attributor) labelling
+    and capping the outcome and destination families; remembers the label text it built."""
+
+    MAX_REMEMBERED = 1 << 16
+
+    def __init__(self, attribution=None, networks=()):
+        self.attribution = attribution or Attributor(Config(labels=()))
+        self.networks = networks
+        self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
+        self._texts = {}        # label names and values -> label text
+
+    def render(self, snapshot, openmetrics=False):
+        """The whole /metrics body for one snapshot."""
+        generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_SnapshotFamilies(snapshot, self.attribution))
+        for cache in (self._key_labels, self._texts):
+            if len(cache) > self.MAX_REMEMBERED:
+                cache.clear()
+        view = self.attribution.view(self._cgroup_ids(snapshot))
+        parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
+                 self._outcome_families(snapshot, view, openmetrics),
+                 self._destination_family(snapshot, view, openmetrics),
+                 generate(registry), generate(_PROCESS_REGISTRY)]
+        body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
+        return body + _EOF if openmetrics else body
+
+    @staticmethod
+    def _cgroup_ids(snapshot):
+        ids = set()
+        for spec in (maps.OUTCOMES, maps.DESTINATIONS):
+            read = snapshot.reads.get(spec.name)
+            if read is not None and read.count:
+                words = memoryview(read.keys).cast("Q")   # cgroup_id is each key's first u64
+                ids.update(words[::spec.key_size // 8][:read.count])
+        return ids
+
+    def _labels_of_key(self, spec, raw, trailing):
+        """(comm label, *trailing(key)) of a raw key, worked out once per key."""
+        cached = self._key_labels.get((spec.name, raw[8:]))
+        if cached is None:
+            key = spec.key.unpack(raw)
+            cached = (comm_label(key["comm"]),) + trailing(key)
+            self._key_labels[(spec.name, raw[8:])] = cached
+        return cached
+
+    def _text(self, names, labels):
+        text = self._texts.get((names, labels))
+        if text is None:
+            text = self._texts[(names, labels)] = _labels(names, labels).encode()
+        return text
+
+    def _groups(self, spec, read, view, families, trailing_names=(), trailing=lambda key: ()):
+        """(the group of each entry, the label text of each group): entries with the same labels
+        are one group; label sets beyond the attribution's cap are folded into one ~other group;
+        entries of cgroups that are gone are in none (-1)."""
+        size, keys = spec.key_size, read.keys
+        groups_of, ages = {}, []
+        raw_groups = array.array("i", [-1]) * read.count
+        for i in range(read.count):
+            raw = keys[i * size:(i + 1) * size]
+            cgroup_id = int.from_bytes(raw[:8], "little")
+            who = view.labels(cgroup_id)
+            if who is None:
+                continue
+            comm, *rest = self._labels_of_key(spec, raw, trailing)
+            labels = (comm, *who, *rest)
+            group = groups_of.get(labels)
+            if group is None:
+                group = groups_of[labels] = len(ages)
+                ages.append(cgroup_id)
+            elif cgroup_id < ages[group]:
+                ages[group] = cgroup_id
+            raw_groups[i] = group
+        rows = [(labels, [group], ages[group]) for labels, group in groups_of.items()]
+        for family in families:
+            kept, _ = self.attribution.cap(family, rows, add=operator.add)
+        final = array.array("i", [-1]) * len(ages)
+        names = ("comm", *view.label_names, *trailing_names)
+        texts = []
+        for position, (labels, members) in enumerate(kept):
+            for group in members:
+                final[group] = position
+            texts.append(self._text(names, labels))
+        return array.array("i", (final[g] if g >= 0 else -1 for g in raw_groups)), texts
+
+    def _outcome_families(self, snapshot, view, openmetrics):
+        head = _header(OUTCOME_FAMILY, "counter", OUTCOME_HELP, openmetrics).encode()
+        head_latency = _header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics).encode()
+        read = snapshot.reads.get(maps.OUTCOMES.name)
+        if read is None:
+            return head + head_latency
+        groups, labels = self._groups(maps.OUTCOMES, read, view,
+                                      (f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY))
+        counters, histogram = render_outcomes(OUTCOME_FAMILY.encode(), LATENCY_FAMILY.encode(), _RESULT_TEXT,
+                                              _BOUND_TEXT, read.values, read.count, groups, labels)
+        return head + counters + head_latency + histogram
+
+    def _destination_family(self, snapshot, view, openmetrics):
+        read = snapshot.reads.get(maps.DESTINATIONS.name)
+        if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
+            return b""
+
+        def where(key):
+            return (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, self.networks))
+        groups, labels = self._groups(maps.DESTINATIONS, read, view, (f"{DESTINATION_FAMILY}_total",),
+                                      ("result", "remote_port", "remote"), where)
+        head = _header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics).encode()
+        return head + render_grouped_counters(f"{DESTINATION_FAMILY}_total".encode(), read.values,
+                                              read.value_stride, read.count, groups, labels)
+
+
+_RESULT_TEXT = [result.encode() for result in maps.RESULTS]
+_BOUND_TEXT = [bound.encode() for bound in LATENCY_BOUNDS]
+_DEFAULT = Renderer()
+
+
+def render(snapshot, openmetrics=False):
+    """The /metrics body with comm-only outcome labels and no network names."""
+    return _DEFAULT.render(snapshot, openmetrics)
 
 
 def _header(family, kind, help_text, openmetrics):
@@ -100,69 +206,17 @@ def _labels(names, values):
     return ",".join(f'{name}="{escape(value)}"' for name, value in zip(names, values))
 
 
-def _sum_by_labels(snapshot, spec, attribution, label_of):
-    """{label values: summed value dict} over `spec`'s entries; entries of cgroups that
-    are gone are left out (attribution.labels gives None)."""
-    rows = {}
-    for key, value in snapshot.entries(spec):
-        who = attribution.labels(key["cgroup_id"])
-        if who is None:
-            continue
-        labels = (comm_label(key["comm"]),) + who + label_of(key)
-        total = rows.get(labels)
-        rows[labels] = value if total is None else _add(total, value)
-    return rows
-
-
-def _add(a, b):
-    return {name: tuple(x + y for x, y in zip(a[name], b[name])) if isinstance(a[name], tuple)
-            else a[name] + b[name] for name in a}
-
-
-def _outcome_families(snapshot, attribution, openmetrics):
-    names = ("comm",) + attribution.label_names
-    rows = _sum_by_labels(snapshot, maps.OUTCOMES, attribution, lambda key: ())
-    outcomes = [_header(OUTCOME_FAMILY, "counter", OUTCOME_HELP, openmetrics)]
-    latency = [_header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics)]
-    for labels, value in sorted(rows.items()):
-        text = _labels(names, labels)
-        for result, count in zip(maps.RESULTS, value["results"]):
-            outcomes.append(f'{OUTCOME_FAMILY}_total{{{text},result="{result}"}} {count}\n')
-        cumulative = 0
-        for bound, count in zip(LATENCY_BOUNDS, value["latency"]):
-            cumulative += count
-            latency.append(f'{LATENCY_FAMILY}_bucket{{{text},le="{bound}"}} {cumulative}\n')
-        successes = value["results"][0]
-        latency.append(f'{LATENCY_FAMILY}_bucket{{{text},le="+Inf"}} {successes}\n'
-                       f'{LATENCY_FAMILY}_sum{{{text}}} {floatToGoString(value["duration_ns"] / 1e9)}\n'
-                       f'{LATENCY_FAMILY}_count{{{text}}} {successes}\n')
-    return "".join(outcomes + latency).encode()
-
-
-def _destination_family(snapshot, attribution, networks, openmetrics):
-    read = snapshot.reads.get(maps.DESTINATIONS.name)
-    if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
-        return b""
-    names = ("comm",) + attribution.label_names + ("result", "remote_port", "remote")
-
-    def where(key):
-        return (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, networks))
-    rows = _sum_by_labels(snapshot, maps.DESTINATIONS, attribution, where)
-    lines = [_header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics)]
-    for labels, value in sorted(rows.items()):
-        lines.append(f"{DESTINATION_FAMILY}_total{{{_labels(names, labels)}}} {value['count']}\n")
-    return "".join(lines).encode()
-
-
 class _SnapshotFamilies:
     """The small families of one snapshot, for prometheus-client to render."""
 
-    def __init__(self, snapshot):
+    def __init__(self, snapshot, attribution):
         self.snapshot = snapshot
+        self.attribution = attribution
 
     def collect(self):
         snap = self.snapshot
         yield from self._maps(snap)
+        yield from attribution_families(self.attribution.stats(), [f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY])
         mode = snap.probe_state.mode if snap.probe_state else None
         attached = GaugeMetricFamily("tcpmon_probe_attached", "1 while tcpmon's connect probe is attached",
                                      labels=["mode"])

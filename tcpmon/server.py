@@ -8,13 +8,13 @@ import logging
 import socket
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 from gunicorn.app.base import BaseApplication
 from gunicorn.workers.gthread import ThreadWorker
 
 from tcpmon import exposition
 from tcpmon.app import make_app
+from tcpmon.attribution import Attributor, Config
 from tcpmon.collector import Collector
 
 READ_TIMEOUT = 10
@@ -87,10 +87,11 @@ class ExporterWorker(ThreadWorker):
 
 class Exporter(BaseApplication):
     def __init__(self, pin_dir, metrics_addr, health_addr, workers=1, threads=8,
-                 log_level="info", read_mode="auto", networks=()):
+                 log_level="info", read_mode="auto", networks=(), attribution=None):
         self.pin_dir = pin_dir
         self.read_mode = read_mode
         self.networks = networks
+        self.attribution = attribution  # attribution.Config; None: outcome families by comm alone
         self.metrics_port = split_addr(metrics_addr, "--metrics-addr")[1]
         self.health_port = split_addr(health_addr, "--health-addr")[1]
         same_port = self.metrics_port == self.health_port
@@ -108,5 +109,7 @@ class Exporter(BaseApplication):
     def load(self):
         # Runs in each worker after fork: map fds are never shared between workers.
         collector = Collector(self.pin_dir, read_mode=self.read_mode)
-        return make_app(collector, self.metrics_port, self.health_port,
-                        render=partial(exposition.render, networks=self.networks))
+        attributor = Attributor(self.attribution or Config(labels=()))
+        renderer = exposition.Renderer(attributor, networks=self.networks)
+        return make_app(collector, self.metrics_port, self.health_port, render=renderer.render,
+                        notes=lambda: [attributor.problem] if attributor.problem else [])

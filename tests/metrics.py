@@ -1,4 +1,6 @@
 """Parsing the exporter's output with prometheus-client's own parser."""
+import re
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from tcpmon._render import comm_label
@@ -30,3 +32,11 @@ def comm_total(text, comm):
 def pids_of(text, comm):
     label = comm_label(comm)
     return {int(dict(key)["pid"]) for key in samples(text, "tcp_connects_by_pid") if dict(key)["comm"] == label}
+
+
+def served_names(text):
+    """Every sample name the exposition `text` declares (# TYPE), with a counter's _total
+    and a histogram's _bucket, _sum and _count, whether or not it has samples yet."""
+    suffixes = {"counter": ["", "_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    return {name + suffix for name, kind in re.findall(r"^# TYPE (\S+) (\S+)", text, re.M)
+            for suffix in suffixes.get(kind, [""])}

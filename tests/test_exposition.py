@@ -6,6 +6,7 @@ namespace's ActiveOpens delta, prometheus-client's text and OpenMetrics parsers,
 `reference_label` below (the documented escaping rule written with Python's own strict UTF-8
 decoder).
 """
+import array
 import re
 import secrets
 import shutil
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.utils import floatToGoString
 
 from conftest import Connector, http_get, unique_comm
 from metrics import samples
@@ -335,3 +337,63 @@ def test_a_label_taken_literally_as_a_comm_gets_another_label(comm):
     literal = comm_label(comm).encode("utf-8")[:16]
     if literal != comm:
         assert comm_label(literal) != comm_label(comm)
+
+
+# --- the outcome families from raw entries ------------------------------------------------
+
+OUTCOME_WIDTH = 2 + 6 + 26   # attempts, results, duration_ns, latency slots (bpf/tcpmon.h)
+small_u64 = st.integers(0, 2**58)  # sums of a few entries stay below 2**64
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 4), st.lists(small_u64, min_size=OUTCOME_WIDTH, max_size=OUTCOME_WIDTH)),
+                max_size=20))
+def test_outcome_families_sum_per_group_and_round_trip(entries):
+    from decimal import Decimal
+
+    from tcpmon._render import render_outcomes
+    labels = [f'comm="c{g}",pod="p\\\\{g}"'.encode() for g in range(5)]
+    values = b"".join(struct.pack(f"={OUTCOME_WIDTH}Q", *fields) for _, fields in entries)
+    groups = array.array("i", [g for g, _ in entries])
+    results = [b"success", b"refused", b"timeout", b"unreachable", b"aborted", b"other"]
+    bounds = [floatToGoString(2 ** (slot + 1) / 1e6).encode() for slot in range(25)]
+    counters, histogram = render_outcomes(b"tcpmon_connects", b"tcpmon_connect_duration_seconds", results, bounds,
+                                          values, len(entries), groups, labels)
+    sums = {g: [sum(f[i] for h, f in entries if h == g) for i in range(OUTCOME_WIDTH)] for g in range(5)}
+    got = {(s.labels["comm"], s.labels["result"]): s.value
+           for s in parsed(counters, "tcpmon_connects_total", "counter")}
+    wanted = {(f"c{g}", r.decode()): sums[g][1 + i] for g in range(5) for i, r in enumerate(results)}
+    assert got.keys() == wanted.keys() and all(same_value(got[key], n) for key, n in wanted.items())
+    samples_ = parsed(histogram, "tcpmon_connect_duration_seconds", "histogram")
+    for g in range(5):
+        mine = [s for s in samples_ if s.labels["comm"] == f"c{g}" and s.labels["pod"] == f"p\\{g}"]
+        buckets = [s.value for s in mine if s.name.endswith("_bucket")]
+        slots = sums[g][8:]
+        cumulative = [sum(slots[:i + 1]) for i in range(25)] + [sums[g][1]]
+        assert len(buckets) == 26 and all(same_value(v, n) for v, n in zip(buckets, cumulative))
+        assert len([s for s in mine if s.name.endswith("_sum")]) == 1
+        line = next(l for l in histogram.decode().splitlines() if l.startswith("tcpmon_connect_duration_seconds_sum")
+                    and f'comm="c{g}"' in l)
+        assert Decimal(line.rsplit(" ", 1)[1]) == Decimal(sums[g][7]) / 10**9  # exact nanoseconds
+        (count,) = [s.value for s in mine if s.name.endswith("_count")]
+        assert same_value(count, sums[g][1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(-1, 2), small_u64), max_size=30))
+def test_grouped_counters_sum_per_group(entries):
+    from tcpmon._render import render_grouped_counters
+    labels = [b'comm="a",remote="10.0.0.1"', b'comm="b",remote="::1"', b'comm="\\\\x1b"']
+    values = b"".join(struct.pack("=Q", count) for _, count in entries)
+    body = render_grouped_counters(b"x_total", values, 8, len(entries), array.array("i", [g for g, _ in entries]), labels)
+    got = [s.value for s in parsed(body, "x_total", "counter")]
+    wanted = [sum(c for g, c in entries if g == group) for group in range(3)]
+    assert len(got) == 3 and all(same_value(value, n) for value, n in zip(got, wanted))
+
+
+def test_grouped_renderers_refuse_short_buffers():
+    from tcpmon._render import render_grouped_counters
+    with pytest.raises(ValueError):
+        render_grouped_counters(b"x", b"\0" * 8, 8, 2, array.array("i", [0, 0]), [b'a="b"'])
+    with pytest.raises(ValueError):
+        render_grouped_counters(b"x", b"\0" * 16, 8, 2, array.array("i", [0]), [b'a="b"'])

@@ -580,9 +580,11 @@ def test_a_map_filled_by_real_processes_counts_its_failures_and_says_so(fresh_pi
         assert comm_total(text, comm.encode()) == 24 == sum(proc.active_opens for proc in procs)
         status, body = readiness(server)
         assert status == 200
-        found = re.fullmatch(r"ready: map connects ran full: (\d+) connects it had no room for since load "
+        found = re.fullmatch(r"ready\nnote: map connects ran full: (\d+) connects it had no room for since load "
                              r"\(raise --max-pids\)\n", body)
         assert found and int(found.group(1)) >= missing, body
+        notes = json.loads(http_get(server.health + "/health")[2])["notes"]
+        assert any(note.startswith("map connects ran full: ") for note in notes), notes
     finally:
         for proc in procs:
             proc.close()

@@ -23,7 +23,7 @@ from tcpmon import attach, loader
 
 CAP_BPF = 39
 HEALTH_PATHS = ("/liveness", "/readiness", "/health")
-HEALTH_KEYS = {"ready", "alive", "timestamp", "attach_mode", "map_entries", "reason", "last_error"}
+HEALTH_KEYS = {"ready", "alive", "timestamp", "attach_mode", "map_entries", "reason", "last_error", "notes"}
 CAP_BPF_ONLY = ["setpriv", "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--"]
 NO_CAPS = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--bounding-set=-all", "--"]
 

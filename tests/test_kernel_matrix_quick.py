@@ -69,6 +69,8 @@ def test_quick_guest_counts_exactly(qemu, tmp_path):
         assert r["dump"] == r["expected"], f"{mode}: tcpmon dump counted {r['dump']}, expected {r['expected']}"
         assert r["metrics"] == r["expected"], f"{mode}: /metrics showed {r['metrics']}, expected {r['expected']}"
         assert r["comm_ok"] is True
+        assert r["outcomes"] == r["expected_outcomes"], f"{mode}: outcomes {r['outcomes']}"
+        assert r["expected_outcomes"]["refused"] > 0
         assert r["pid_dropped_on_exit"] is True
         assert r["unloaded"] is True
         assert r["errors"] == []

@@ -68,14 +68,17 @@ def in_flight(pin_dir, comm):
         return [value for _, value in maps.SOCKETS.entries(bpf_map) if value["comm"] == maps.comm_key(comm.encode())]
 
 
-def slots_of(seconds):
-    """The latency slots a connect measured at `seconds` in user space may be in: the kernel
-    times from inside connect() to the handshake's end, a little less than the caller sees."""
-    candidates = set()
-    for s in (seconds, seconds - 0.002):
-        us = max(int(s * 1e6), 0)
-        candidates.add(min(int(math.log2(us)) if us > 1 else 0, maps.LATENCY_SLOTS - 1))
-    return candidates
+INITIAL_RTO = 1.0  # seconds: a dropped first SYN is sent again no sooner (TCP_TIMEOUT_INIT)
+
+
+def slot_of(seconds):
+    us = max(int(seconds * 1e6), 0)
+    return min(int(math.log2(us)) if us > 1 else 0, maps.LATENCY_SLOTS - 1)
+
+
+def slots_between(low, high):
+    """The latency slots of every duration from `low` to `high` seconds."""
+    return set(range(slot_of(low), slot_of(high) + 1))
 
 
 EVERY_WAY = dict(success=5, success6=3, mapped=2, refused=4, timeout=2, unreachable=3, other=1, aborted=3,
@@ -116,11 +119,16 @@ def test_delayed_connects_land_in_their_buckets_and_the_sum(ended):
     # every other success is a loopback handshake: well under a millisecond's slot
     slow = [n for slot, n in enumerate(counted["latency"]) if BOUNDS[min(slot, len(BOUNDS) - 1)] > 0.5]
     assert sum(slow) == len(delayed)
+    # The kernel times from inside connect() to the handshake's end: no less than the initial
+    # RTO, no more than the caller saw (who also waited to be scheduled).
     for seconds in delayed:
-        assert any(counted["latency"][slot] for slot in slots_of(seconds)), (seconds, counted["latency"])
+        slots = slots_between(INITIAL_RTO, seconds)
+        assert any(counted["latency"][slot] for slot in slots), (seconds, counted["latency"])
+    assert sum(n for slot, n in enumerate(counted["latency"])
+               if slot in set().union(*(slots_between(INITIAL_RTO, s) for s in delayed))) == len(delayed)
     total = counted["duration_ns"] / 1e9
     fast = sum(counted["latency"]) - len(delayed)
-    assert sum(delayed) - 0.005 * len(delayed) <= total <= sum(delayed) + fast * 0.01
+    assert INITIAL_RTO * len(delayed) <= total <= sum(delayed) + fast * 0.01
     assert sum(counted["latency"]) == counted["results"][0]
 
 

@@ -23,14 +23,21 @@ pytestmark = pytest.mark.skipif(not os.access(PROMETHEUS, os.X_OK),
 
 
 class Prometheus:
-    def __init__(self, target, workdir):
-        self.job = f"tcpmon-test-{secrets.token_hex(3)}"
+    """A Prometheus scraping `target` every second, with `labels` on the target and
+    `rule_files` evaluated every second."""
+    SCRAPE_INTERVAL = 1
+
+    def __init__(self, target, workdir, job=None, labels=None, rule_files=()):
+        self.job = job or f"tcpmon-test-{secrets.token_hex(3)}"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / "prometheus.yml"
+        interval = f"{self.SCRAPE_INTERVAL}s"
         config.write_text(json.dumps({  # YAML is a superset of JSON
-            "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": self.job, "static_configs": [{"targets": [target]}]}]}))
+            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
+            "rule_files": [str(path) for path in rule_files],
+            "scrape_configs": [{"job_name": self.job,
+                                "static_configs": [{"targets": [target], "labels": labels or {}}]}]}))
         self.log = open(workdir / "prometheus.log", "w+")
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -56,11 +63,16 @@ class Prometheus:
         self.log.seek(0)
         return self.log.read()[-4000:]
 
-    def query(self, promql):
-        status, _, body = http_get(f"{self.url}/api/v1/query?query={urllib.parse.quote(promql)}")
+    def api(self, path, **params):
+        """The `data` of a successful /api/v1/ reply; fails on an error or a warning."""
+        status, _, body = http_get(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params, doseq=True)}")
         reply = json.loads(body)
-        assert status == 200 and reply["status"] == "success", reply
-        return reply["data"]["result"]
+        assert status == 200 and reply["status"] == "success", (path, params, reply)
+        assert not reply.get("warnings"), (path, params, reply["warnings"])
+        return reply["data"]
+
+    def query(self, promql):
+        return self.api("query", query=promql)["result"]
 
     def wait_for(self, promql, timeout=60):
         """The query's result as soon as it is not empty (bounded wait)."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import TCPMON, Connector, Exporter, http_get, unique_comm
+from metrics import samples
 from tcpmon import _libbpf, loader, maps, state
 from tcpmon.pins import Pins
 
@@ -89,7 +90,9 @@ def test_the_previous_release_s_pins_migrate_and_keep_counting(previous_object, 
     server = Exporter(fresh_pin_dir)
     try:
         assert http_get(server.health + "/readiness")[0] == 200
-        assert f'tcpmon_connects_total{{comm="{comm}",result="success"}} 4' in server.scrape()
+        successes = [value for labels, value in samples(server.scrape(), "tcpmon_connects_total").items()
+                     if dict(labels)["comm"] == comm and dict(labels)["result"] == "success"]
+        assert successes == [4]
     finally:
         server.stop()
     # the old programs are freed once their links are gone (RCU: poll)

@@ -1,7 +1,9 @@
 """Security and wiring properties of the Helm chart, checked on the objects helm renders."""
+import json
 import re
 
 import pytest
+import yaml
 
 from deploylib import REPO, helm_template
 from tcpmon import attach, cli
@@ -133,23 +135,68 @@ def test_monitoring_objects_are_optional_and_wired(helm, default_docs):
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
     alerts = {rule["alert"]: rule["expr"] for rule in kinds["PrometheusRule"][0]["spec"]["groups"][0]["rules"]}
-    assert {"TcpmonProbeDetached", "TcpmonMapNearlyFull", "TcpmonMapUpdateFailures"} <= set(alerts)
+    assert set(alerts) == set(ALERTS)
+    assert all(f'job="{service["metadata"]["name"]}"' in expr for expr in alerts.values())
 
 
-def test_alerts_use_metrics_the_exporter_serves(helm, pin_dir):
+def test_rule_thresholds_come_from_the_values(helm):
+    docs = helm_template(helm, "prometheusRule.enabled=true", "prometheusRule.connectStormFactor=25")[0]
+    rules = {rule["alert"]: rule for rule in _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+    assert "> 25 * sum by" in rules["TcpmonConnectStorm"]["expr"]
+    assert "more than 25 times" in rules["TcpmonConnectStorm"]["annotations"]["description"]
+
+
+def _dashboard_configmap(helm, *sets):
+    docs = helm_template(helm, "dashboard.enabled=true", *sets)[0]
+    return _one(docs, "ConfigMap")
+
+
+def test_dashboard_configmap_is_what_the_grafana_sidecar_loads(helm):
+    configmap = _dashboard_configmap(helm)
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert configmap["metadata"]["namespace"] == "monitoring"
+    (name,) = configmap["data"]
+    assert name.endswith(".json")
+    shipped = json.loads((REPO / "charts/tcpmon/dashboards/tcpmon.json").read_text())
+    assert json.loads(configmap["data"][name]) == shipped
+
+
+def test_dashboard_label_namespace_and_folder_are_settable(helm):
+    configmap = _dashboard_configmap(helm, "dashboard.label=grafana_dashboard_tcp", "dashboard.labelValue=yes",
+                                     "dashboard.namespace=grafana", "dashboard.annotations.grafana_folder=Network")
+    assert configmap["metadata"]["labels"]["grafana_dashboard_tcp"] == "yes"
+    assert "grafana_dashboard" not in configmap["metadata"]["labels"]
+    assert configmap["metadata"]["namespace"] == "grafana"
+    assert configmap["metadata"]["annotations"] == {"grafana_folder": "Network"}
+
+
+@pytest.fixture(scope="module")
+def served(pin_dir):
+    """The sample names the real exporter serves over the session's probe."""
+    from metrics import served_names
     from tcpmon import exposition
     from tcpmon.collector import Collector
     collector = Collector(pin_dir)
     try:
-        body = exposition.render(collector.snapshot()).decode()
+        return served_names(exposition.render(collector.snapshot()).decode())
     finally:
         collector.close()
-    served = set(re.findall(r"^# TYPE (\S+) (\S+)", body, re.M))
-    names = {name for name, _ in served} | {name + "_total" for name, kind in served if kind == "counter"}
+
+
+@pytest.fixture(scope="module")
+def alert_rules(helm):
     docs = helm_template(helm, "prometheusRule.enabled=true")[0]
-    rules = _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]
-    used = {name for rule in rules for name in re.findall(r"\b(tcpmon_\w+)", rule["expr"])}
-    assert used and used <= names, f"alerts use metrics the exporter does not serve: {used - names}"
+    return {rule["alert"]: rule for rule in _one(docs, "PrometheusRule")["spec"]["groups"][0]["rules"]}
+
+
+ALERTS = [rule["alert"] for group in yaml.safe_load((REPO / "configs/tcpmon.rules.yml").read_text())["groups"]
+          for rule in group["rules"]]
+
+
+@pytest.mark.parametrize("alert", ALERTS)
+def test_alert_uses_metrics_the_exporter_serves(alert_rules, served, alert):
+    used = set(re.findall(r"\b(tcpmon_\w+)", alert_rules[alert]["expr"]))
+    assert used <= served, f"{alert} uses metrics the exporter does not serve: {used - served}"
 
 
 def test_unload_mode_unloads_and_serves_nothing(helm):
@@ -162,7 +209,6 @@ def test_unload_mode_unloads_and_serves_nothing(helm):
 
 
 def test_attach_modes_match_the_cli(helm):
-    import json
     schema = json.loads((REPO / "charts/tcpmon/values.schema.json").read_text())
     assert schema["properties"]["loader"]["properties"]["attach"]["enum"] == ["auto", *attach.MODE_NAMES]
 
@@ -177,6 +223,10 @@ def test_attach_modes_match_the_cli(helm):
     "exporter.logLevel=verbose",
     "pinDir=relative/dir",
     "bogusKey=1",
+    "dashboard.bogusKey=1",
+    "dashboard.label=not_a/valid/label",
+    "prometheusRule.connectFailureRatio=2",
+    "prometheusRule.connectStormFactor=1",
 ])
 def test_schema_rejects_bad_values(helm, bad):
     result = helm_template(helm, bad, check=False)[1]
@@ -203,3 +253,93 @@ def test_debug_daemonset_keeps_the_split(lint_tools):
     assert main["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
     assert {p["containerPort"] for p in main["ports"]} == {5678, 9090, 8080}
     assert "unload" in main["lifecycle"]["preStop"]["exec"]["command"]
+
+
+# --- attribution (opt-in): the host's cgroupfs read-only, names from the API with list on pods only ---
+
+@pytest.fixture(scope="module")
+def attribution_docs(helm):
+    return helm_template(helm, "attribution.enabled=true")[0]
+
+
+def _envs(container):
+    return {item["name"]: item.get("value", item.get("valueFrom")) for item in container.get("env", [])}
+
+
+def test_attribution_is_off_by_default(default_docs, exporter):
+    assert _env(exporter)["TCPMON_LABELS"] == "none"
+    assert not {"ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"} & set(_by_kind(default_docs))
+
+
+def test_attribution_rbac_lists_pods_and_nothing_else(attribution_docs):
+    (role,) = _by_kind(attribution_docs)["ClusterRole"]
+    assert role["rules"] == [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]
+    assert set(role["rules"][0]["verbs"]) <= {"get", "list", "watch"}
+    assert not _by_kind(attribution_docs).get("Role") and not _by_kind(attribution_docs).get("RoleBinding")
+    (binding,) = _by_kind(attribution_docs)["ClusterRoleBinding"]
+    account = _one(attribution_docs, "ServiceAccount")
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                    "namespace": "monitoring"}]
+
+
+def test_attribution_token_and_cgroupfs_reach_the_exporter_only(attribution_docs):
+    pod = _one(attribution_docs, "DaemonSet")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (loader,), (exporter,) = pod["initContainers"], pod["containers"]
+    assert {m["name"] for m in loader["volumeMounts"]} == {"bpffs", "tracefs"}
+    mounts = {m["mountPath"]: (m["name"], m.get("readOnly", False)) for m in exporter["volumeMounts"]}
+    assert mounts == {"/sys/fs/bpf": ("bpffs", True), "/host/sys/fs/cgroup": ("cgroup", True),
+                      "/var/run/secrets/kubernetes.io/serviceaccount": ("kube-api-access", True)}
+    assert exporter["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+    volumes = {vol["name"]: vol for vol in pod["volumes"]}
+    assert volumes["cgroup"]["hostPath"] == {"path": "/sys/fs/cgroup", "type": "Directory"}
+    sources = volumes["kube-api-access"]["projected"]["sources"]
+    assert {"path": "token", "expirationSeconds": 3607} == sources[0]["serviceAccountToken"]
+    assert sources[1]["configMap"]["name"] == "kube-root-ca.crt"
+
+
+def test_attribution_environment_is_what_serve_reads(attribution_docs):
+    (exporter,) = _one(attribution_docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    env = _envs(exporter)
+    assert set(env) <= _subcommand_envs("serve")
+    assert env["TCPMON_NODE_NAME"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+    assert (env["TCPMON_KUBERNETES"], env["TCPMON_LABELS"], env["TCPMON_CGROUP_ROOT"]) == ("1", "auto", "/host/sys/fs/cgroup")
+    args = cli.build_parser().parse_args(["serve"])
+    assert args.labels == "auto"
+
+
+def test_attribution_without_kubernetes_has_no_token_and_no_rbac(helm):
+    docs = helm_template(helm, "attribution.enabled=true", "attribution.kubernetes.enabled=false",
+                         "attribution.maxSeries=500", "attribution.labels=unit\\,container_id")[0]
+    assert not {"ClusterRole", "ClusterRoleBinding"} & set(_by_kind(docs))
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    env = _envs(pod["containers"][0])
+    assert "TCPMON_KUBERNETES" not in env and env["TCPMON_MAX_SERIES"] == "500"
+    assert env["TCPMON_LABELS"] == "unit,container_id"
+    assert "kube-api-access" not in {vol["name"] for vol in pod["volumes"]}
+
+
+def test_attribution_renders_valid_kubernetes_objects(helm, lint_tools, tmp_path):
+    import subprocess
+    _, result = helm_template(helm, "attribution.enabled=true")
+    manifest = tmp_path / "attribution.yaml"
+    manifest.write_text(result.stdout)
+    from deploylib import K8S_VERSION
+    check = subprocess.run([str(lint_tools / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(manifest)],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+@pytest.mark.parametrize("bad", [
+    "attribution.labels=pod\\,image",
+    "attribution.maxSeries=0",
+    "attribution.cgroupHostPath=sys/fs/cgroup",
+    "attribution.kubernetes.watch=true",
+    "attribution.bogus=1",
+])
+def test_schema_rejects_bad_attribution_values(helm, bad):
+    result = helm_template(helm, bad, check=False)[1]
+    assert result.returncode != 0, f"helm accepted --set {bad}"
+    assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower()
