@@ -58,10 +58,16 @@ def _health(collector, notes, environ):
     return _reply(status, json.dumps(report) + "\n", "application/json")
 
 
+def _with_capacity_notes(collector, notes):
+    """A map that ran full loses detail, not readiness: it is a note."""
+    return collector.capacity_notes() + list(notes())
+
+
 def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, notes=lambda: []):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
     `render(snapshot, openmetrics=...)` makes the /metrics body; `notes()` are what readiness
     and health add while ready (e.g. why attribution labels are missing)."""
+    notes = partial(_with_capacity_notes, collector, notes)
     metrics_routes = {"/metrics": partial(_metrics, collector, render), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector, notes),
                      "/health": partial(_health, collector, notes)}

@@ -243,6 +243,7 @@ def cmd_status(args):
     probe_state = state.inspect(pins)
     report = {"pin_dir": str(pins.dir), "attached": probe_state.attached, "attach_mode": probe_state.mode,
               "problem": probe_state.problem, "programs": probe_state.programs, "links": probe_state.links,
+              "held_by_foreground": probe_state.held,
               "maps": {spec.name: _fill(pins, spec) for spec in maps.MAPS if not spec.per_cpu},
               "bpf_stats_enabled": state.bpf_stats_enabled()}
     if args.json:
@@ -261,6 +262,8 @@ def _print_status(report):
         print(f"program:     {pin} id {info['id']} ({info['name']})")
     for pin, info in report["links"].items():
         print(f"link:        {pin} id {info['id']} -> program {info['prog_id']}")
+    if report["held_by_foreground"]:
+        print("links:       held by a live 'tcpmon load --foreground'")
     for name, fill in report["maps"].items():
         text = fill.get("error") or f"{fill['entries']} / {fill['max_entries']} entries"
         print(f"map:         {name}: {text}")

@@ -256,6 +256,12 @@ class _SnapshotFamilies:
         for spec in SCRAPED:
             errors.add_metric([spec.name], snap.read_errors.get(spec.name, 0))
         yield errors
+        truncated = CounterMetricFamily("tcpmon_map_read_truncated",
+                                        "Reads of a pinned map by this worker that stopped before its end "
+                                        "(it changed faster than it was read)", labels=["map"])
+        for spec in SCRAPED:
+            truncated.add_metric([spec.name], snap.read_truncations.get(spec.name, 0))
+        yield truncated
 
     def _probe_cost(self, state):
         run_time = CounterMetricFamily("tcpmon_probe_run_time_seconds",
