@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """Raw bpf() access to tcpmon's pinned maps, links and programs (no libbpf in the read path)."""
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
-from libc.errno cimport EINVAL, ENOENT, EOPNOTSUPP
+from libc.errno cimport EACCES, EINVAL, ENOENT, ENOSPC, EOPNOTSUPP
 from libc.string cimport memcpy, memset
 from posix.unistd cimport close
 
@@ -9,7 +9,7 @@ from rawbpf cimport *
 
 import os
 
-from tcpmon.errors import ENOTSUPP as _ENOTSUPP, MapLayoutError, bpf_error
+from tcpmon.errors import ENOTSUPP as _ENOTSUPP, MapLayoutError, WrongPinError, bpf_error
 
 # Kernel-internal errno that BPF_MAP_LOOKUP_BATCH returns for maps without batch support.
 cdef int ENOTSUPP = _ENOTSUPP
@@ -36,7 +36,13 @@ def map_type_name(unsigned int map_type):
     return _MAP_TYPE_NAMES.get(map_type, f"type {map_type}")
 
 
-cdef int obj_get(object path, unsigned int flags) except -1:
+# What /proc/self/fd/N names for each kind of BPF object (anon inodes; bpftool tells them apart the same way).
+_FD_KINDS = {"anon_inode:bpf-map": "map", "anon_inode:bpf-prog": "program", "anon_inode:bpf_link": "link"}
+_KIND_TEXT = {"map": "a BPF map", "program": "a BPF program", "link": "a BPF link", "directory": "a directory"}
+
+
+cdef int _obj_get(object path, unsigned int flags):
+    """The fd of the object pinned at `path`, or -errno."""
     cdef bytes cpath = os.fsencode(path)
     cdef bpf_attr attr
     cdef int fd
@@ -45,9 +51,53 @@ cdef int obj_get(object path, unsigned int flags) except -1:
     attr.file_flags = flags
     with nogil:
         fd = sys_bpf(BPF_OBJ_GET, &attr, sizeof(attr))
-    if fd < 0:
-        raise bpf_error("BPF_OBJ_GET", -fd, path)
     return fd
+
+
+def _fd_kind(int fd):
+    """"map", "program" or "link"; None when /proc cannot tell."""
+    try:
+        return _FD_KINDS.get(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:
+        return None
+
+
+def pin_kind(path):
+    """What is pinned at `path`: "map", "program", "link", "directory", or None (no BPF object).
+    Programs and links open read-write only, so this needs write permission on their pins."""
+    cdef int fd
+    if os.path.isdir(path):
+        return "directory"
+    fd = _obj_get(path, 0)
+    if fd < 0:
+        fd = _obj_get(path, BPF_F_RDONLY)
+    if fd < 0:
+        return None
+    try:
+        return _fd_kind(fd)
+    finally:
+        close(fd)
+
+
+cdef int obj_get(object path, unsigned int flags, str kind) except -1:
+    """The fd of the BPF `kind` ("map", "program", "link") pinned at `path`; raises
+    WrongPinError when another kind of object is pinned there."""
+    cdef int fd = _obj_get(path, flags)
+    if fd < 0:
+        # The kernel says EINVAL for a program or link opened read-only, EACCES for a directory.
+        found = pin_kind(path) if -fd in (EINVAL, EACCES) else None
+        if found is not None and found != kind:
+            raise _wrong_kind(path, found, kind)
+        raise bpf_error("BPF_OBJ_GET", -fd, path)
+    found = _fd_kind(fd)
+    if found is not None and found != kind:
+        close(fd)
+        raise _wrong_kind(path, found, kind)
+    return fd
+
+
+def _wrong_kind(path, found, kind):
+    return WrongPinError(f"{path} is {_KIND_TEXT[found]}, not {_KIND_TEXT[kind]}: run 'tcpmon unload' and load again")
 
 
 cdef int obj_info(int fd, void *info, uint32_t size, object path) except -1:
@@ -68,7 +118,7 @@ cdef int obj_info(int fd, void *info, uint32_t size, object path) except -1:
 def pinned_link_info(path):
     """type, id and prog_id of the link pinned at `path` (prog_id 0: detached)."""
     cdef bpf_link_info info
-    cdef int fd = obj_get(path, 0)  # the kernel opens links read-write only
+    cdef int fd = obj_get(path, 0, "link")  # the kernel opens links read-write only
     try:
         obj_info(fd, &info, sizeof(info), path)
     finally:
@@ -79,13 +129,34 @@ def pinned_link_info(path):
 def pinned_prog_info(path):
     """id, name and (with kernel.bpf_stats_enabled=1) run time of the program pinned at `path`."""
     cdef bpf_prog_info info
-    cdef int fd = obj_get(path, BPF_F_RDONLY)
+    cdef int fd = obj_get(path, BPF_F_RDONLY, "program")
     try:
         obj_info(fd, &info, sizeof(info), path)
     finally:
         close(fd)
     return {"type": info.type, "id": info.id, "name": info.name.decode(errors="replace"),
             "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt}
+
+
+cdef int _batch_has_more(int fd, uint64_t *token, char *key, char *value) noexcept nogil:
+    """After a batch read filled every slot: 1 if the map holds an entry past `token`, 0 if
+    not (a full array ends this way), or -errno.  Reads at most one entry into key/value."""
+    cdef bpf_attr attr
+    cdef uint64_t next_token[8]
+    cdef int ret
+    memset(&attr, 0, sizeof(attr))
+    attr.batch.map_fd = fd
+    attr.batch.in_batch = <uint64_t><uintptr_t>token
+    attr.batch.out_batch = <uint64_t><uintptr_t>next_token
+    attr.batch.keys = <uint64_t><uintptr_t>key
+    attr.batch.values = <uint64_t><uintptr_t>value
+    attr.batch.count = 1
+    ret = sys_bpf(BPF_MAP_LOOKUP_BATCH, &attr, sizeof(attr))
+    if ret == -ENOSPC:
+        return 1   # the next bucket holds more than the one slot offered
+    if ret < 0 and ret != -ENOENT:
+        return ret
+    return 1 if attr.batch.count > 0 else 0
 
 
 cdef class BpfMap:
@@ -106,14 +177,17 @@ cdef class BpfMap:
     cdef readonly unsigned int value_stride
     # "auto" until the kernel refuses a batch lookup, then "iterate"
     cdef readonly str read_mode
+    # why the last read() stopped before the end of the map, or None: it read every entry
+    cdef readonly str truncated
     cdef bytearray _keys
     cdef bytearray _values
+    cdef bytearray _spare   # one key and one value, for looking past a full buffer
     cdef Py_ssize_t _count
 
     def __cinit__(self, path, *, bint writable=False):
         self.fd = -1
         self.path = os.fspath(path)
-        self.fd = obj_get(self.path, 0 if writable else BPF_F_RDONLY)
+        self.fd = obj_get(self.path, 0 if writable else BPF_F_RDONLY, "map")
         cdef bpf_map_info info
         obj_info(self.fd, &info, sizeof(info), self.path)
         self.map_type = info.type
@@ -126,6 +200,7 @@ cdef class BpfMap:
         if self.map_type in _PERCPU_TYPES:
             self.value_stride = ((self.value_size + 7) // 8 * 8) * possible_cpus()
         self.read_mode = "auto"
+        self.truncated = None
         self._count = 0
 
     def __dealloc__(self):
@@ -178,15 +253,19 @@ cdef class BpfMap:
         """Entries found by the last read()."""
         return self._count
 
-    def read(self, mode=None):
+    def read(self, mode="auto"):
         """Read every entry; returns how many.  mode: "auto" (batch, and per-key
-        iteration from the first time the kernel refuses batch), "batch" or "iterate"."""
-        mode = mode or self.read_mode
+        iteration from the first time the kernel refuses batch), "batch" or "iterate".
+        A read that had to stop early (the map changed faster than it was read) keeps
+        what it read and says why in `truncated`."""
         if mode not in ("auto", "batch", "iterate"):
             raise ValueError(f"read mode {mode!r}: use auto, batch or iterate")
+        if mode == "auto":
+            mode = self.read_mode   # "iterate" once the kernel refused a batch lookup
         self._ensure_buffers()
         if self.fd < 0:
             raise ValueError(f"map {self.path} is closed")
+        self.truncated = None
         if mode == "iterate":
             self._read_iterate()
         elif self._read_batch() == BATCH_UNSUPPORTED:
@@ -222,11 +301,13 @@ cdef class BpfMap:
         if self._keys is None:
             self._keys = bytearray(self.max_entries * self.key_size)
             self._values = bytearray(self.max_entries * self.value_stride)
+            self._spare = bytearray(self.key_size + self.value_stride)
 
     cdef int _read_batch(self) except -1:
         cdef bpf_attr attr
         cdef char *keys = self._keys
         cdef char *values = self._values
+        cdef char *spare = self._spare
         cdef uint64_t token[8]   # batch position: a bucket index for hash maps, a key for others
         cdef uint64_t next_token[8]
         cdef uint32_t total = 0
@@ -238,7 +319,7 @@ cdef class BpfMap:
         if ks > sizeof(token):
             return BATCH_UNSUPPORTED
         with nogil:
-            while total < capacity:
+            while True:
                 memset(&attr, 0, sizeof(attr))
                 attr.batch.map_fd = fd
                 attr.batch.in_batch = 0 if first else <uint64_t><uintptr_t>token
@@ -255,11 +336,20 @@ cdef class BpfMap:
                     break
                 memcpy(token, next_token, sizeof(token))
                 first = False
+                if total == capacity or attr.batch.count == 0:
+                    ret = _batch_has_more(fd, token, spare, spare + ks)
+                    break
         if first and (ret == -EINVAL or ret == -ENOTSUPP or ret == -EOPNOTSUPP):
             return BATCH_UNSUPPORTED
-        if ret < 0:
-            raise bpf_error("BPF_MAP_LOOKUP_BATCH", -ret, self.path)
         self._count = total
+        if ret == 1:
+            self.truncated = "capacity"   # more entries than the map holds at once were seen
+        elif ret == -ENOSPC:
+            # The next bucket holds more entries than there is room left: the map filled
+            # up while it was read.  Keep what was read.
+            self.truncated = "ENOSPC"
+        elif ret < 0:
+            raise bpf_error("BPF_MAP_LOOKUP_BATCH", -ret, self.path)
         return 0
 
     cdef int _read_iterate(self) except -1:
@@ -268,6 +358,7 @@ cdef class BpfMap:
         cdef bpf_attr attr
         cdef char *keys = self._keys
         cdef char *values = self._values
+        cdef char *spare = self._spare
         cdef uint32_t ks = self.key_size, vs = self.value_stride
         cdef uint32_t n = 0, steps = 0, limit = 2 * self.max_entries + 1
         cdef char *prev = NULL
@@ -277,9 +368,14 @@ cdef class BpfMap:
         seen = set()
         scratch = bytearray(ks)
         cdef char *last = scratch
-        while n < self.max_entries and steps < limit:
+        while True:
+            if steps == limit:
+                self.truncated = "iteration bound"   # restarted over and over by deletions
+                break
             steps += 1
-            slot_key = keys + <size_t>n * ks
+            # With every slot taken, the next key goes to the spare slot: it only tells
+            # whether the map holds more.
+            slot_key = keys + <size_t>n * ks if n < self.max_entries else spare
             memset(&attr, 0, sizeof(attr))
             attr.map_fd = fd
             attr.key = <uint64_t><uintptr_t>prev
@@ -295,6 +391,9 @@ cdef class BpfMap:
             key = bytes(scratch)
             if key in seen:
                 continue
+            if n == self.max_entries:
+                self.truncated = "capacity"   # more keys than the map holds at once were seen
+                break
             memset(&attr, 0, sizeof(attr))
             attr.map_fd = fd
             attr.key = <uint64_t><uintptr_t>slot_key

@@ -42,7 +42,7 @@ def _metrics(collector, render, offload, per_worker, environ):
     compress = negotiation.wants_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
     snapshot, registry = collector.snapshot(), None
     if per_worker is not None:   # every worker's counters, labelled, instead of this one's
-        per_worker.publish(snapshot.read_errors)
+        per_worker.publish(snapshot.read_errors, snapshot.read_truncations)
         snapshot, registry = dataclasses.replace(snapshot, read_errors=None), per_worker.registry
     body = offload(encode, render, snapshot, chosen.openmetrics, compress, registry)
     status, headers, body = _reply("200 OK", body, chosen.content_type)
@@ -88,6 +88,11 @@ def _unauthorized():
     return status, headers + [("WWW-Authenticate", "Basic")], body
 
 
+def _with_capacity_notes(collector, notes):
+    """A map that ran full loses detail, not readiness: it is a note."""
+    return collector.capacity_notes() + list(notes())
+
+
 def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, notes=lambda: [],
              offload=_run_here, web=None, per_worker=None):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
@@ -95,6 +100,7 @@ def make_app(collector, metrics_port=None, health_port=None, render=exposition.r
     what readiness and health add while ready (e.g. why attribution labels are missing).
     `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
     `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
+    notes = partial(_with_capacity_notes, collector, notes)
     metrics_routes = {"/metrics": partial(_metrics, collector, render, offload, per_worker), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector, notes),
                      "/health": partial(_health, collector, notes)}

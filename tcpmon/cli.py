@@ -184,9 +184,13 @@ def _attribution_options(parser):
     _option(parser, "--max-series", DEFAULT_MAX_SERIES, "label sets per family; the rest are summed into ~other",
             type=_positive_int)
     _option(parser, "--max-cgroups", DEFAULT_MAX_CGROUPS, "cgroup id -> path entries cached", type=_positive_int)
-    _option(parser, "--cgroup-root", "auto", "where to look for the cgroup2 mount (in a pod: the host's /sys/fs/cgroup)")
+    _cgroup_root_option(parser)
     _switch(parser, "--kubernetes", "namespace, pod and container names from the Kubernetes API (in a pod)")
     _option(parser, "--node-name", None, "this node's name, for --kubernetes (the chart sets it from spec.nodeName)")
+
+
+def _cgroup_root_option(parser):
+    _option(parser, "--cgroup-root", "auto", "where to look for the cgroup2 mount (in a pod: the host's /sys/fs/cgroup)")
 
 
 def attribution_config(args):
@@ -225,8 +229,12 @@ def _top_options(parser):
     from tcpmon.top import SORT_KEYS
     _option(parser, "--interval", 1.0, "seconds between reads; a rate takes two reads, so --once and --json "
             "read twice this far apart", type=_seconds)
-    _option(parser, "--sort", "rate", "row order (keys s, r, t, p, n on the screen)", choices=SORT_KEYS)
-    _option(parser, "--filter", None, "show only names containing this text, any case (key / on the screen)")
+    _option(parser, "--sort", "rate", "row order (keys s, r, t, f, l, p, n on the screen)", choices=SORT_KEYS)
+    _option(parser, "--filter", None, "show only rows whose name, pod or unit contains this text, any case "
+            "(key / on the screen)")
+    _option(parser, "--labels", "auto", "attribution labels the POD/UNIT column is made of: auto "
+            "(unit,container_id,pod_uid), none, or a comma list", type=_labels)
+    _cgroup_root_option(parser)
     _switch(parser, "--once", "print one frame to stdout and exit: no terminal needed")
     _switch(parser, "--json", "print one JSON document and exit (as --once)")
 
@@ -267,7 +275,8 @@ def build_parser():
     _load_options(run)
     _serve_options(run)
 
-    top = command("top", "live view of connect rates from the pinned maps (no exporter needed)")
+    top = command("top", "live view of connect rates, failures and latency from the pinned maps "
+                  "(no exporter needed)")
     _common(top)
     _top_options(top)
     return parser
@@ -313,6 +322,7 @@ def cmd_status(args):
     probe_state = state.inspect(pins)
     report = {"pin_dir": str(pins.dir), "attached": probe_state.attached, "attach_mode": probe_state.mode,
               "problem": probe_state.problem, "programs": probe_state.programs, "links": probe_state.links,
+              "held_by_foreground": probe_state.held,
               "maps": {spec.name: _fill(pins, spec) for spec in maps.MAPS if not spec.per_cpu},
               "bpf_stats_enabled": state.bpf_stats_enabled()}
     if args.json:
@@ -331,6 +341,8 @@ def _print_status(report):
         print(f"program:     {pin} id {info['id']} ({info['name']})")
     for pin, info in report["links"].items():
         print(f"link:        {pin} id {info['id']} -> program {info['prog_id']}")
+    if report["held_by_foreground"]:
+        print("links:       held by a live 'tcpmon load --foreground'")
     for name, fill in report["maps"].items():
         text = fill.get("error") or f"{fill['entries']} / {fill['max_entries']} entries"
         print(f"map:         {name}: {text}")
@@ -385,7 +397,10 @@ def cmd_run(args):
 
 def cmd_top(args):
     from tcpmon import top
-    return top.main(args.pin_dir, args.interval, args.sort, args.filter, once=args.once, as_json=args.json)
+    from tcpmon.attribution import Config, parse_labels
+    attribution = Config(labels=parse_labels(args.labels), cgroup_root=args.cgroup_root)
+    return top.main(args.pin_dir, args.interval, args.sort, args.filter, once=args.once, as_json=args.json,
+                    attribution=attribution)
 
 
 COMMANDS = {"load": cmd_load, "unload": cmd_unload, "status": cmd_status, "dump": cmd_dump,

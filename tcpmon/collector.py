@@ -31,6 +31,7 @@ class MapRead:
     count: int
     max_entries: int
     value_stride: int
+    truncated: str = None   # why the read stopped before the end of the map, or None
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Snapshot:
     reads: dict = field(default_factory=dict)        # map name -> MapRead; absent: it could not be read
     update_failures: dict = None                      # map name -> connects it had no room for
     read_errors: dict = field(default_factory=dict)  # map name -> failed reads since start
+    read_truncations: dict = field(default_factory=dict)  # map name -> reads that stopped early
     probe_state: state.ProbeState = None
     bpf_stats_enabled: bool = False
     duration: float = 0.0
@@ -78,6 +80,8 @@ class Collector:
         self._latest_at = None    # (Snapshot, time.monotonic() when it was read) of the last scrape
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
+        self._truncations = Counter()
+        self._truncated_last = set()  # maps whose latest read stopped early
         self._last_error = None
         self._cond = threading.Condition()
         self._reading = False
@@ -102,9 +106,9 @@ class Collector:
                 self._cond.notify_all()
         return snapshot
 
-    def read_errors(self):
-        """{map name: failed reads by this process}."""
-        return dict(self._read_errors)
+    def per_process_counters(self):
+        """({map name: failed reads}, {map name: truncated reads}) by this process."""
+        return dict(self._read_errors), dict(self._truncations)
 
     def last_scrape(self):
         """The last finished scrape's ScrapeStatus, or None before the first; never waits."""
@@ -133,6 +137,17 @@ class Collector:
         """Why the exporter is not ready (no probe attached, map missing or wrong), or None."""
         return self.readiness()[0]
 
+    def capacity_notes(self):
+        """One line per map that ran full since load (the probe counted what it had no room for)."""
+        try:
+            with maps.open_map(self.pins, maps.UPDATE_FAILURES) as failures:
+                failures.read(self.read_mode)
+                lost = maps.failures_by_map(failures)
+        except Exception:
+            return []  # readiness_problem() reports a probe that cannot be read
+        return [f"map {name} ran full: {count} connects it had no room for since load "
+                f"(raise {maps.CAPACITY_FLAGS[name]})" for name, count in lost.items() if count]
+
     def close(self):
         for bpf_map, _ in self._open.values():
             bpf_map.close()
@@ -160,11 +175,33 @@ class Collector:
         try:
             bpf_map = self._map(spec)
             count = bpf_map.read(self.read_mode)
+            self._learn_read_mode(bpf_map)
+            self._note_truncation(spec, bpf_map)
             return MapRead(bytes(bpf_map.keys), bytes(bpf_map.values), count, bpf_map.max_entries,
-                           bpf_map.value_stride)
+                           bpf_map.value_stride, bpf_map.truncated)
         except Exception as exc:
             self._failed(spec, exc)
             return None
+
+    def _learn_read_mode(self, bpf_map):
+        """A kernel that refuses one batch lookup refuses them for every map tcpmon reads
+        (hash and array batch ops came in the same release): read per key from now on,
+        every map, reopened ones too."""
+        if self.read_mode == "auto" and bpf_map.read_mode == "iterate":
+            self.read_mode = "iterate"
+            log.warning("the kernel refused a batch lookup of %s: reading every map per key from now on",
+                        bpf_map.path)
+
+    def _note_truncation(self, spec, bpf_map):
+        if bpf_map.truncated is None:
+            self._truncated_last.discard(spec.name)
+            return
+        self._truncations[spec.name] += 1
+        if spec.name not in self._truncated_last:  # once per run of truncated reads
+            log.warning("reading %s stopped early (%s): %d of at most %d entries read, the map changed "
+                        "faster than it was read; the next scrape reads it again",
+                        spec.name, bpf_map.truncated, bpf_map.count, bpf_map.max_entries)
+        self._truncated_last.add(spec.name)
 
     def _failed(self, spec, exc):
         self._read_errors[spec.name] += 1
@@ -189,5 +226,6 @@ class Collector:
         if len(reads) == len(SCRAPED) - 1 and failures is not None:
             self._last_error = None
         return Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
-                        probe_state=probe_state, bpf_stats_enabled=state.bpf_stats_enabled(),
-                        duration=time.perf_counter() - started, last_error=self._last_error)
+                        read_truncations=dict(self._truncations), probe_state=probe_state,
+                        bpf_stats_enabled=state.bpf_stats_enabled(), duration=time.perf_counter() - started,
+                        last_error=self._last_error)

@@ -11,6 +11,10 @@ class MapLayoutError(TcpmonError, ValueError):
     """A pinned map is not the map this version of tcpmon reads."""
 
 
+class WrongPinError(TcpmonError, ValueError):
+    """A pin holds another kind of object than tcpmon pins there (a program where a map should be)."""
+
+
 class NotLoadedError(TcpmonError, FileNotFoundError):
     """The probe is not loaded under the pin dir."""
 

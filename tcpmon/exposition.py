@@ -8,7 +8,6 @@ supplies the process metrics.
 """
 import array
 import operator
-import re
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
 from prometheus_client import exposition as text_format
@@ -23,6 +22,7 @@ from tcpmon.attribution import Attributor, Config
 from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
+from tcpmon.escaping import label_text
 
 # Not prometheus-client's CONTENT_TYPE_LATEST: that became text 1.0.0 in 0.22, the body is 0.0.4.
 CONTENT_TYPE_TEXT = negotiation.CONTENT_TYPE_TEXT
@@ -66,6 +66,7 @@ class Renderer:
         self.networks = networks
         self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
         self._texts = {}        # label names and values -> label text
+        self._shown = {}        # attribution label values -> the same in comm_label's notation
 
     def render(self, snapshot, openmetrics=False, process_registry=None):
         """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
@@ -73,7 +74,7 @@ class Renderer:
         generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
         registry = CollectorRegistry(auto_describe=False)
         registry.register(_SnapshotFamilies(snapshot, self.attribution))
-        for cache in (self._key_labels, self._texts):
+        for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
@@ -123,7 +124,10 @@ class Renderer:
             if who is None:
                 continue
             comm, *rest = self._labels_of_key(spec, raw, trailing)
-            labels = (comm, *who, *rest)
+            shown = self._shown.get(who)
+            if shown is None:
+                shown = self._shown[who] = tuple(label_text(value) for value in who)
+            labels = (comm, *shown, *rest)
             group = groups_of.get(labels)
             if group is None:
                 group = groups_of[labels] = len(ages)
@@ -200,14 +204,9 @@ def _comm_family(comm_totals, openmetrics):
     return header + render_comm_series(sample, comm_totals.keys, comm_totals.values, comm_totals.count)
 
 
-_UNDECODABLE = re.compile("[\udc80-\udcff]")   # a byte os.fsdecode could not decode (surrogateescape)
-
-
 def escape(value):
-    """A label value as the text formats write it.  A byte that was not UTF-8 (in a cgroup's name,
-    say) becomes the text \\xNN, as in comm labels, so one odd name cannot fail the whole scrape."""
-    value = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    return _UNDECODABLE.sub(lambda found: f"\\\\x{ord(found.group()) - 0xDC00:02x}", value)
+    """A label value as the text formats write it."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _labels(names, values):
@@ -255,12 +254,18 @@ class _SnapshotFamilies:
             failures.add_metric([name], count)
         yield failures
         if snap.read_errors is None:
-            return   # per worker, from tcpmon.workers
+            return   # these two per worker, from tcpmon.workers
         errors = CounterMetricFamily("tcpmon_map_read_errors", "Failed reads of a pinned map by this worker",
                                      labels=["map"])
         for spec in SCRAPED:
             errors.add_metric([spec.name], snap.read_errors.get(spec.name, 0))
         yield errors
+        truncated = CounterMetricFamily("tcpmon_map_read_truncated",
+                                        "Reads of a pinned map by this worker that stopped before its end "
+                                        "(it changed faster than it was read)", labels=["map"])
+        for spec in SCRAPED:
+            truncated.add_metric([spec.name], snap.read_truncations.get(spec.name, 0))
+        yield truncated
 
     def _probe_cost(self, state):
         run_time = CounterMetricFamily("tcpmon_probe_run_time_seconds",

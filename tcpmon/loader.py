@@ -62,6 +62,7 @@ class LoadResult:
     migrated: list = field(default_factory=list)  # what an older release's pins needed
     skipped: dict = field(default_factory=dict)   # mode -> why it was not used
     links: list = field(default_factory=list)     # held open by --foreground instead of pinned
+    holder: int = None                            # --foreground: the fd holding the flock on pins.holder
 
 
 def default_object():
@@ -78,6 +79,36 @@ def _locked(pin_dir):
         yield
     finally:
         os.close(fd)
+
+
+def _hold_lock(pins):
+    """--foreground: take the flock that tells readers a live loader holds the links.
+    The fd stays open (and the lock held) until hold() returns or the process dies."""
+    os.makedirs(pins.holder, exist_ok=True)
+    fd = os.open(pins.holder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    # Blocks only for a reader's instant: loaders take turns under _locked(), and this one
+    # found no live holder.
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
+def _release_lock(pins, fd):
+    os.close(fd)
+    try:
+        os.rmdir(pins.holder)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_stale_holder(pins):
+    """The holder directory of a foreground loader that is gone (nobody holds its lock)."""
+    if state.held_by_foreground(pins):
+        raise LoadError(f"a live 'tcpmon load --foreground' holds {pins.holder} but the probe under "
+                        f"{pins.dir} is not attached: stop that process (SIGTERM), then load again")
+    try:
+        os.rmdir(pins.holder)
+    except FileNotFoundError:
+        pass
 
 
 def _candidates(mode):
@@ -234,6 +265,8 @@ def load(pin_dir=DEFAULT_PIN_DIR, attach="auto", object_path=None, max_pids=None
         raise LoadError(f"BPF object {object_path} not found: run 'make bpf' or pass --bpf-object")
     candidates = _candidates(attach)
     mounts.ensure_bpffs(pins.dir)
+    if os.path.lexists(pins.dir) and not os.path.isdir(pins.dir):
+        raise LoadError(pins.not_a_directory())
     os.makedirs(pins.dir, mode=0o755, exist_ok=True)
     with _locked(pins.dir):
         current = state.inspect(pins)
@@ -244,10 +277,18 @@ def load(pin_dir=DEFAULT_PIN_DIR, attach="auto", object_path=None, max_pids=None
             return LoadResult(current.mode, str(pins.dir), already_loaded=True)
         result = LoadResult(None, str(pins.dir))
         _refuse_newer(pins)
-        _remove(pins.links() + pins.programs())  # leftovers of a detached, foreground or older load
+        _remove_stale_holder(pins)
+        # Leftovers of a detached, killed, foreground or older load; the maps (and counts) stay.
+        _remove(pins.links() + pins.programs())
         _migrate(pins, result)
         chosen = _map_sizes(pins, sizes, destinations)
         maps_before = {path for path in pins.maps() if path.exists()}
+        stamped = pins.stamp.is_dir()
+        # Stamped before anything is pinned, so the pins of an interrupted load are not
+        # taken for an older release's.
+        os.makedirs(pins.stamp, exist_ok=True)
+        if foreground:
+            result.holder = _hold_lock(pins)
         config = _config(destinations)
         for mode in candidates:
             try:
@@ -258,10 +299,13 @@ def load(pin_dir=DEFAULT_PIN_DIR, attach="auto", object_path=None, max_pids=None
                 result.skipped[mode.name] = _why(mode, exc)
                 log.debug("%s: libbpf said:\n%s", mode.name, "\n".join(getattr(exc, "log", [])))
                 continue
-            os.makedirs(pins.stamp, exist_ok=True)
             result.mode = mode.name
             return result
         _remove(path for path in pins.maps() if path not in maps_before)
+        if result.holder is not None:
+            _release_lock(pins, result.holder)
+        if not stamped and not maps_before:
+            os.rmdir(pins.stamp)
         tried = "; ".join(f"{mode}: {why}" for mode, why in result.skipped.items())
         raise LoadError(f"no attach mode worked under {pins.dir}: {tried}")
 
@@ -275,9 +319,11 @@ def hold(result, ready=lambda: None):
     ready()
     while not stop:
         signal.pause()
+    pins = Pins(result.pin_dir)
+    _release_lock(pins, result.holder)  # first: the lock must never outlive the links
     for link in reversed(result.links):  # the connect program first
         link.destroy()
-    _remove(Pins(result.pin_dir).programs())
+    _remove(pins.programs())
 
 
 def unload(pin_dir=DEFAULT_PIN_DIR):
@@ -286,10 +332,16 @@ def unload(pin_dir=DEFAULT_PIN_DIR):
     if not pins.dir.is_dir():
         return []
     with _locked(pins.dir):
+        if state.held_by_foreground(pins):
+            log.warning("a 'tcpmon load --foreground' still holds the probe under %s attached: "
+                        "stop it (SIGTERM) to detach it", pins.dir)
         removed = _remove(pins.all())
-        for stamp in pins.stamps():
-            os.rmdir(stamp)
-            removed.append(str(stamp))
+        for directory in pins.stamps() + [pins.holder]:
+            try:
+                os.rmdir(directory)
+                removed.append(str(directory))
+            except FileNotFoundError:
+                pass
     try:
         os.rmdir(pins.dir)
     except OSError as exc:

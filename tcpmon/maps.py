@@ -142,6 +142,10 @@ DESTINATIONS = BY_NAME["destinations"]
 UPDATE_FAILURES = BY_NAME["update_failures"]
 CONFIG = LAYOUTS["tcpmon_config"]
 
+# The `tcpmon load` flag that sizes each map (update_failures has a slot per map, no flag).
+CAPACITY_FLAGS = {CONNECTS.name: "--max-pids", COMM_TOTALS.name: "--max-comms", SOCKETS.name: "--max-sockets",
+                  OUTCOMES.name: "--max-outcomes", DESTINATIONS.name: "--max-destinations"}
+
 
 def open_map(pins, spec, writable=False):
     """The pinned map for `spec`, read-only unless `writable`, after checking its layout."""
@@ -150,6 +154,8 @@ def open_map(pins, spec, writable=False):
         bpf_map = _maps.BpfMap(path, writable=writable)
     except FileNotFoundError:
         raise NotLoadedError(f"no map pinned at {path}: run 'tcpmon load' (pin dir {pins.dir})") from None
+    except NotADirectoryError:
+        raise NotLoadedError(pins.not_a_directory()) from None
     try:
         bpf_map.check_layout(spec.map_type, spec.key_size, spec.value_size)
     except Exception:

@@ -16,6 +16,14 @@ class Pins:
         # An empty directory whose name says which ABI the pins follow (bpffs holds
         # only directories and BPF objects; a directory needs no bpf() to check).
         self.stamp = self.dir / f"abi-{maps.ABI_VERSION}"
+        # An empty directory `tcpmon load --foreground` holds an flock on while it holds
+        # the links: the kernel drops the lock when that process dies, however it dies.
+        self.holder = self.dir / "foreground"
+
+    def not_a_directory(self):
+        """What to say when something else than a directory sits at the pin dir's path."""
+        return (f"pin dir {self.dir} is not a directory: remove what is there ('rm {self.dir}') "
+                "and run 'tcpmon load', or use another --pin-dir")
 
     def map(self, spec):
         return self.dir / spec.name
@@ -35,8 +43,8 @@ class Pins:
         return self.links() + self.programs() + self.maps()
 
     def all_names(self):
-        """The name of every pin tcpmon may make, and the stamp."""
-        return [path.name for path in self.all()] + [self.stamp.name]
+        """The name of every pin tcpmon may make, the stamp and the holder."""
+        return [path.name for path in self.all()] + [self.stamp.name, self.holder.name]
 
     def stamps(self):
         """ABI stamps present, newest first (an older release's pins have none)."""

@@ -300,7 +300,7 @@ class Exporter(BaseApplication):
     def publish(self):
         """This worker's counters into its slot (with --workers > 1), for the others' scrapes."""
         if self.per_worker is not None and self.collector is not None:
-            self.per_worker.publish(self.collector.read_errors())
+            self.per_worker.publish(*self.collector.per_process_counters())
 
     def tls_for(self, port):
         """The WebState that does this port's TLS, or None for plain HTTP."""

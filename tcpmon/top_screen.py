@@ -6,11 +6,11 @@ tcpmon runs on (a pyenv build, Debian's /usr/bin/python3, the slim image), so
 it works with whatever TERM an SSH session brings; curses.wrapper gives the
 terminal back (endwin: normal screen, cursor, keypad) however the loop ends;
 resizes arrive as KEY_RESIZE.  rich or textual would add a dependency tree (and
-textual an asyncio application) to draw two tables.
+textual an asyncio application) to draw three tables.
 
-Keys: q quits; s cycles the sort, r t p n pick rate, total, pid, name; / types
-a filter (applied as it is typed; Enter keeps it, Esc restores the one before);
-Esc clears the filter.
+Keys: q quits; s cycles the sort, r t f l p n pick rate, total, failures, latency
+(p99), pid, name; / types a filter (applied as it is typed; Enter keeps it, Esc
+restores the one before); Esc clears the filter.
 """
 import curses
 import locale
@@ -22,7 +22,7 @@ from tcpmon.errors import TcpmonError, describe
 from tcpmon.top import SORT_KEYS, is_utf8
 
 ESC = "\x1b"
-SORT_BY_KEY = {"r": "rate", "t": "total", "p": "pid", "n": "comm"}
+SORT_BY_KEY = {"r": "rate", "t": "total", "f": "failures", "l": "p99", "p": "pid", "n": "comm"}
 MAX_FILTER = 64
 _ENTER = ("\n", "\r", curses.KEY_ENTER)
 _BACKSPACE = ("\x7f", "\b", curses.KEY_BACKSPACE)
@@ -65,7 +65,7 @@ class Keys:
         if self.editing:
             typed = top_text.terminal_text(self.watch.name_filter, ascii_only)
             return f"filter: {typed}_   Enter keeps it, Esc cancels"
-        return "q quit  s sort  r/t/p/n by rate/total/pid/name  / filter  Esc clear filter"
+        return "q quit  s sort  r t f l p n: rate total fail p99 pid name  / filter  Esc clear"
 
 
 _STYLES = {"title": curses.A_BOLD, "error": curses.A_BOLD, "header": curses.A_REVERSE, "row": curses.A_NORMAL}

@@ -22,8 +22,8 @@ from tcpmon.collector import SCRAPED
 _MAPS = tuple(spec.name for spec in SCRAPED)
 _GC_FIELDS = ("collections", "collected", "uncollectable")
 _GENERATIONS = 3
-# pid, read errors per map, gc counters per generation
-_SLOT = struct.Struct(f"=q{len(_MAPS)}Q{_GENERATIONS * len(_GC_FIELDS)}Q")
+# pid, read errors and truncated reads per map, gc counters per generation
+_SLOT = struct.Struct(f"=q{2 * len(_MAPS)}Q{_GENERATIONS * len(_GC_FIELDS)}Q")
 
 
 def _alive(pid):
@@ -57,20 +57,22 @@ class WorkerSlots:
     def bind(self, index):
         """In the worker, after the fork: its Slot, counters from zero."""
         slot = Slot(self, index)
-        slot.publish({})
+        slot.publish({}, {})
         return slot
 
     def read(self):
-        """[(index, pid, read errors {map: n}, gc [(collections, collected, uncollectable)] )] of live slots."""
+        """[(index, pid, read errors {map: n}, truncated reads {map: n},
+        gc [(collections, collected, uncollectable)])] of the live slots."""
         found = []
         for index in range(self.count):
             pid, *values = _SLOT.unpack_from(self.memory, index * _SLOT.size)
             if pid <= 0 or not _alive(pid):
                 continue
             errors = dict(zip(_MAPS, values[:len(_MAPS)]))
-            flat = values[len(_MAPS):]
+            truncated = dict(zip(_MAPS, values[len(_MAPS):2 * len(_MAPS)]))
+            flat = values[2 * len(_MAPS):]
             gcs = [tuple(flat[g * 3:g * 3 + 3]) for g in range(_GENERATIONS)]
-            found.append((index, pid, errors, gcs))
+            found.append((index, pid, errors, truncated, gcs))
         return found
 
 
@@ -79,13 +81,14 @@ class Slot:
         self.slots, self.index = slots, index
         self.pid = os.getpid()
 
-    def publish(self, read_errors):
+    def publish(self, read_errors, truncations):
         """This worker's counters, now."""
         stats = gc.get_stats()[:_GENERATIONS]
         flat = [generation.get(name, 0) for generation in stats for name in _GC_FIELDS]
         flat += [0] * (_GENERATIONS * len(_GC_FIELDS) - len(flat))
         _SLOT.pack_into(self.slots.memory, self.index * _SLOT.size, self.pid,
-                        *(read_errors.get(name, 0) for name in _MAPS), *flat)
+                        *(read_errors.get(name, 0) for name in _MAPS),
+                        *(truncations.get(name, 0) for name in _MAPS), *flat)
 
 
 def _labelled(family, worker):
@@ -105,6 +108,9 @@ class WorkerFamilies:
         live = self.slots.read()
         errors = CounterMetricFamily("tcpmon_map_read_errors", "Failed reads of a pinned map by a worker",
                                      labels=["map", "worker"])
+        truncated = CounterMetricFamily("tcpmon_map_read_truncated",
+                                        "Reads of a pinned map by a worker that stopped before its end "
+                                        "(it changed faster than it was read)", labels=["map", "worker"])
         collections = CounterMetricFamily("python_gc_collections", "Number of times this generation was collected",
                                           labels=["generation", "worker"])
         collected = CounterMetricFamily("python_gc_objects_collected", "Objects collected during gc",
@@ -112,10 +118,12 @@ class WorkerFamilies:
         uncollectable = CounterMetricFamily("python_gc_objects_uncollectable", "Uncollectable objects found during GC",
                                             labels=["generation", "worker"])
         process = {}
-        for index, pid, read_errors, gcs in live:
+        for index, pid, read_errors, truncations, gcs in live:
             worker = str(index)
             for name, count in read_errors.items():
                 errors.add_metric([name, worker], count)
+            for name, count in truncations.items():
+                truncated.add_metric([name, worker], count)
             for generation, (runs, objects, stuck) in enumerate(gcs):
                 collections.add_metric([str(generation), worker], runs)
                 collected.add_metric([str(generation), worker], objects)
@@ -125,6 +133,7 @@ class WorkerFamilies:
                                                                 family.unit))
                 merged.samples.extend(_labelled(family, worker).samples)
         yield errors
+        yield truncated
         yield collected
         yield uncollectable
         yield collections
@@ -141,5 +150,5 @@ class PerWorker:
         self.registry.register(WorkerFamilies(slots))
         PlatformCollector(registry=self.registry)
 
-    def publish(self, read_errors):
-        self.slot.publish(read_errors)
+    def publish(self, read_errors, truncations):
+        self.slot.publish(read_errors, truncations)

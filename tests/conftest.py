@@ -50,6 +50,41 @@ def fresh_pin_dir():
         shutil.rmtree(path)
 
 
+@pytest.fixture
+def loaded_pin_dir(fresh_pin_dir):
+    """A probe of its own for one test (auto attach, default sizes)."""
+    loader.load(fresh_pin_dir)
+    return fresh_pin_dir
+
+
+def process_tree(pid):
+    """`pid` and every process below it (the exporter's master and its workers)."""
+    found = [pid]
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids = [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue
+        for kid in kids:
+            found.extend(process_tree(kid))
+    return found
+
+
+def open_fds(pids):
+    """{"all": fds, "bpf": fds of BPF objects} summed over `pids`."""
+    total = bpf = 0
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except FileNotFoundError:
+                continue
+            total += 1
+            bpf += target.startswith("anon_inode:bpf")
+    return {"all": total, "bpf": bpf}
+
+
 def unique_comm(prefix="tcpmt"):
     return f"{prefix}{secrets.token_hex(4)}"
 

@@ -248,3 +248,28 @@ def test_the_probe_s_cgroup_ids_map_to_the_cgroups_that_connected(cgroups, pin_d
     for rel, comm in comms.items():
         assert got[comm] == (layout[rel] or (rel.rsplit("/", 1)[1], "", "", "", "", ""), 2), rel
     assert samples(body, "tcpmon_series_overflow")[frozenset({"family": "tcpmon_connects_total"}.items())] == 0
+
+
+def test_a_unit_named_with_any_bytes_is_escaped_like_a_comm_and_the_scrape_stays_whole(cgroups, pin_dir):
+    """cgroup names are bytes the kernel does not check (a delegated subtree lets users make
+    them): control bytes and invalid UTF-8 come out as \\xNN, never a failed scrape."""
+    from tcpmon import maps
+    from tcpmon.collector import Collector
+    from tcpmon.escaping import label_text
+    from tcpmon.exposition import Renderer
+    unit = f"bad\\{secrets.token_hex(2)}\x1b[31m\udcff\"q.service"   # \udcff: the byte 0xff, as os.fsdecode gives it
+    rel = cgroups.make(f"system.slice/{unit}")
+    comm = unique_comm("tcpmb")
+    cgroups.run_in(rel, comm, connects=3)
+    collector = Collector(pin_dir)
+    try:
+        snapshot = collector.snapshot()
+    finally:
+        collector.close()
+    body = Renderer(Attributor(Config(labels=LABELS))).render(snapshot).decode()
+    mine = {dict(k)["result"]: (dict(k)["unit"], v) for k, v in samples(body, "tcpmon_connects_total").items()
+            if dict(k)["comm"] == comm}
+    shown = label_text(unit)
+    assert "\x1b" not in shown and "\\x1b" in shown and "\\xff" in shown and "\\x5c" in shown
+    assert {result: who for result, (who, _) in mine.items()} == {result: shown for result in maps.RESULTS}
+    assert sum(value for _, value in mine.values()) == 3

@@ -398,14 +398,3 @@ def test_grouped_renderers_refuse_short_buffers():
     with pytest.raises(ValueError):
         render_grouped_counters(b"x", b"\0" * 16, 8, 2, array.array("i", [0]), [b'a="b"'])
 
-
-def test_a_label_from_an_undecodable_name_is_escaped_not_a_failed_scrape():
-    """A cgroup directory whose name is not UTF-8 (os.fsdecode's surrogates) must not fail the
-    whole scrape: the byte shows as the text \\xNN, as in comm labels."""
-    import os
-
-    from tcpmon.exposition import escape
-    value = os.fsdecode(b"unit-\xff\xfe.scope")
-    line = f'm{{unit="{escape(value)}"}} 1\n'.encode()   # encodes: no surrogate left
-    (family,) = parse_text(line.decode())
-    assert family.samples[0].labels == {"unit": "unit-\\xff\\xfe.scope"}

@@ -63,6 +63,8 @@ def test_per_worker_counters_never_go_back_whichever_worker_answers(two_workers)
     # this worker's own families are not also served unlabelled
     assert all("worker" in dict(key) for key in samples(text, "tcpmon_map_read_errors_total"))
     assert all("worker" in dict(key) for key in samples(text, "process_cpu_seconds_total"))
+    truncated = samples(text, "tcpmon_map_read_truncated_total")
+    assert truncated and all("worker" in dict(key) for key in truncated)
 
 
 def test_one_worker_keeps_the_unlabelled_families(exporter):
