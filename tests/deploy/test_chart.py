@@ -134,6 +134,10 @@ def test_monitoring_objects_are_optional_and_wired(helm, default_docs):
     service = kinds["Service"][0]
     assert monitor["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == [p["name"] for p in service["spec"]["ports"]]
+    # the target labels the operator adds must not rename the attribution labels of the same names
+    drops = [r["regex"] for e in monitor["spec"]["endpoints"] for r in e["relabelings"] if r.get("action") == "labeldrop"]
+    assert drops == ["(namespace|pod|container)"]
+    assert not any(e.get("honorLabels") for e in monitor["spec"]["endpoints"])
     alerts = {rule["alert"]: rule["expr"] for rule in kinds["PrometheusRule"][0]["spec"]["groups"][0]["rules"]}
     assert set(alerts) == set(ALERTS)
     assert all(f'job="{service["metadata"]["name"]}"' in expr for expr in alerts.values())
