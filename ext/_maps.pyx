@@ -127,7 +127,8 @@ def pinned_link_info(path):
 
 
 def pinned_prog_info(path):
-    """id, name and (with kernel.bpf_stats_enabled=1) run time of the program pinned at `path`."""
+    """id, name, (with kernel.bpf_stats_enabled=1) run time, and the runs the kernel skipped
+    because the program was already running on that CPU, of the program pinned at `path`."""
     cdef bpf_prog_info info
     cdef int fd = obj_get(path, BPF_F_RDONLY, "program")
     try:
@@ -135,7 +136,8 @@ def pinned_prog_info(path):
     finally:
         close(fd)
     return {"type": info.type, "id": info.id, "name": info.name.decode(errors="replace"),
-            "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt}
+            "run_time_ns": info.run_time_ns, "run_cnt": info.run_cnt,
+            "recursion_misses": info.recursion_misses}
 
 
 cdef int _batch_has_more(int fd, uint64_t *token, char *key, char *value) noexcept nogil:

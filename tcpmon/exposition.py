@@ -236,6 +236,8 @@ class _SnapshotFamilies:
         yield GaugeMetricFamily("tcpmon_bpf_stats_enabled",
                                 "1 when kernel.bpf_stats_enabled=1 makes probe run time visible",
                                 value=int(snap.bpf_stats_enabled))
+        if snap.probe_state:
+            yield from self._probe_misses(snap.probe_state)
         if snap.bpf_stats_enabled and snap.probe_state:
             yield from self._probe_cost(snap.probe_state)
 
@@ -276,3 +278,14 @@ class _SnapshotFamilies:
             runs.add_metric([info["name"]], info["run_cnt"])
         yield run_time
         yield runs
+
+    @staticmethod
+    def _probe_misses(state):
+        # Counted whatever bpf_stats says (5.12+): an event that fired while the same program ran
+        # on that CPU (a softirq over a process-context run) was not seen, so its count is missing.
+        missed = CounterMetricFamily("tcpmon_probe_missed_runs",
+                                     "Events the kernel did not pass to tcpmon's programs because the "
+                                     "program was already running on that CPU", labels=["program"])
+        for info in state.programs.values():
+            missed.add_metric([info["name"]], info.get("recursion_misses", 0))
+        yield missed

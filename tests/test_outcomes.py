@@ -68,6 +68,23 @@ def in_flight(pin_dir, comm):
         return [value for _, value in maps.SOCKETS.entries(bpf_map) if value["comm"] == maps.comm_key(comm.encode())]
 
 
+def kernel_misses(pin_dir):
+    """{program name: runs the kernel skipped}, as bpftool reads the pinned programs."""
+    found = {}
+    for path in filter(Path.exists, Pins(pin_dir).programs()):
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "pinned", str(path)],
+                                         capture_output=True, text=True, check=True).stdout)
+        found[info["name"]] = info.get("recursion_misses", 0)
+    return found
+
+
+def what_was_lost(pin_dir):
+    """Why a count could be missing: skipped runs and full maps (shown when an exact check fails)."""
+    with maps.open_map(Pins(pin_dir), maps.UPDATE_FAILURES) as failures:
+        failures.read()
+        return {"missed runs": kernel_misses(pin_dir), "update failures": maps.failures_by_map(failures)}
+
+
 INITIAL_RTO = 1.0  # seconds: a dropped first SYN is sent again no sooner (TCP_TIMEOUT_INIT)
 
 
@@ -90,7 +107,9 @@ def ended(pin_dir):
     """One process that ended connects in every way, and what the kernel counted for it."""
     comm = unique_comm("tcpmo")
     with Outcomes(comm, **EVERY_WAY) as proc:
-        yield comm, proc.report, outcome_entries(pin_dir, comm)
+        counted = outcome_entries(pin_dir, comm)
+        counted["lost"] = what_was_lost(pin_dir)
+        yield comm, proc.report, counted
 
 
 def test_every_attempt_is_counted_once(ended):
@@ -102,6 +121,7 @@ def test_each_result_class_matches_what_connect_returned(ended):
     _, report, counted = ended
     results = dict(zip(maps.RESULTS, counted["results"]))
     errors = report["errors"]
+    assert sum(results.values()) == counted["attempts"], (results, counted["lost"])
     assert report["accepted"] == EVERY_WAY["success"] + EVERY_WAY["success6"] + EVERY_WAY["mapped"]
     assert results["success"] == report["accepted"] + report["delayed_accepted"] == errors["ok"] + EVERY_WAY["delayed"]
     assert results["refused"] == errors["ECONNREFUSED"] == EVERY_WAY["refused"]
@@ -157,6 +177,14 @@ def test_the_exporter_serves_results_and_a_histogram(ended, exporter):
     (count,) = [v for k, v in samples(text, "tcpmon_connect_duration_seconds_count").items()
                 if dict(k)["comm"] == label]
     assert count == counted["results"][0]
+
+
+def test_the_exporter_serves_the_runs_the_kernel_skipped(pin_dir, exporter):
+    served = {dict(k)["program"]: v for k, v in samples(exporter.scrape(), "tcpmon_probe_missed_runs_total").items()}
+    # the kernel's own name field holds 15 bytes; bpftool shows the BTF name in full
+    kernel = {name[:15]: n for name, n in kernel_misses(pin_dir).items()}
+    assert set(served) == set(kernel) and any(name.startswith("connect_") for name in served)
+    assert all(served[name] <= kernel[name] for name in kernel)  # read before bpftool's, never more
 
 
 def test_a_process_killed_mid_connect_leaves_nothing_in_flight(pin_dir):
