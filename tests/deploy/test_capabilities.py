@@ -43,7 +43,8 @@ def caps(helm):
 
 
 @pytest.fixture
-def pin_dir_for_caps():
+def pin_dir_for_caps(node_mounts):
+    """A private pin dir on the host's bpffs, which these containers cannot mount themselves."""
     path = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
     yield path
     tcpmon_loader.unload(path)
