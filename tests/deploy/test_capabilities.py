@@ -121,7 +121,8 @@ def node_without_bpffs():
     systemd host), so that a container's Bidirectional mount reaches the node. Yields its pid;
     whatever was mounted or pinned in it goes with it."""
     script = ("while grep -qs ' /sys/fs/bpf ' /proc/self/mounts; do umount -l /sys/fs/bpf; done; "
-              "mount --bind /sys/fs/bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && echo ready && exec sleep infinity")
+              "mount --bind /sys/fs/bpf /sys/fs/bpf && mount --make-shared /sys/fs/bpf && "
+              "echo ready && exec sleep infinity")
     holder = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -444,7 +444,8 @@ def test_bpffs_mount_adds_a_privileged_init_step_that_shares_its_mount_with_the_
     assert mount["name"] == "mount-bpffs" and mount["securityContext"]["privileged"] is True
     assert "mount -t bpf bpf /sys/fs/bpf" in mount["command"][-1]
     assert mount["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"}]
-    assert loader["volumeMounts"][0] == {"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "HostToContainer"}
+    assert loader["volumeMounts"][0] == {"name": "bpffs", "mountPath": "/sys/fs/bpf",
+                                         "mountPropagation": "HostToContainer"}
     assert exporter["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
                                          "mountPropagation": "HostToContainer"}]
     # the loader and the exporter keep their own capability sets

@@ -174,10 +174,11 @@ def _as_tcpmon_service(staged, pin_dir, view, *args):
     SystemCallFilter= (unit_sandbox.py), and the pin dir bound read-only at VIEW
     (BindReadOnlyPaths=), in / (a system unit's default WorkingDirectory=; the checkout may be
     where nobody cannot enter)."""
-    command = ["env", "--chdir=/", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
-               "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
-               "/usr/bin/python3", str(staged.helper("unit_sandbox.py")), str(staged.root / UNIT_DIR / "tcpmon.service"),
-               str(staged.root / HOME / "bin/tcpmon"), *args, "--pin-dir", view]
+    command = ["env", "--chdir=/", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
+               "/usr/bin/python3", str(staged.helper("unit_sandbox.py")),
+               str(staged.root / UNIT_DIR / "tcpmon.service"), str(staged.root / HOME / "bin/tcpmon"),
+               *args, "--pin-dir", view]
     return through_readonly_bind(pin_dir, view, command)
 
 
