@@ -126,8 +126,9 @@ step_chart() {
 	render unload --set unload=true || return 1
 	render web --set exporter.webConfig.enabled=true,exporter.webConfig.healthTLS=true \
 		--set serviceMonitor.enabled=true,serviceMonitor.scheme=https || return 1
+	render bpffs --set bpffsMount=true || return 1
 	kube_validate "$scratch/default.yaml" "$scratch/monitoring.yaml" "$scratch/unload.yaml" "$scratch/web.yaml" \
-		"$root/k8s/debug-daemonset.yaml" || return 1
+		"$scratch/bpffs.yaml" "$root/k8s/debug-daemonset.yaml" || return 1
 	rules_of "$scratch/monitoring.yaml" "$scratch/rules.yml" || return 1
 	promtool check rules "$scratch/rules.yml" >/dev/null || {
 		echo "lint: promtool rejects the chart's PrometheusRule" >&2

@@ -28,13 +28,17 @@ def fs_type(path):
     return mounts[path]
 
 
-def _mount(fstype, target):
+# In a pod the loader has no CAP_SYS_ADMIN; the chart's opt-in init step mounts bpffs instead.
+CHART_BPFFS_FIX = "or, in Kubernetes, install the chart with --set bpffsMount=true"
+
+
+def _mount(fstype, target, or_else=""):
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(fstype.encode(), target.encode(), fstype.encode(), 0, None) != 0:
         err = ctypes.get_errno()
         hint = "needs CAP_SYS_ADMIN" if err == errno.EPERM else os.strerror(err)
         raise LoadError(f"cannot mount {fstype} at {target}: {hint}: "
-                        f"run 'mount -t {fstype} {fstype} {target}' as root")
+                        f"run 'mount -t {fstype} {fstype} {target}' as root{' ' + or_else if or_else else ''}")
 
 
 def ensure_bpffs(pin_dir):
@@ -45,7 +49,7 @@ def ensure_bpffs(pin_dir):
     if os.path.abspath(parent) != BPFFS:
         raise LoadError(f"pin dir {pin_dir} is not on bpffs: mount one with "
                         f"'mount -t bpf bpf {parent}' or use a pin dir under {BPFFS}")
-    _mount("bpf", BPFFS)
+    _mount("bpf", BPFFS, or_else=CHART_BPFFS_FIX)
 
 
 def ensure_tracefs():

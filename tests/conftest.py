@@ -1,5 +1,6 @@
 """Shared fixtures: a probe loaded on the real kernel under a private pin dir, an
 exporter served by gunicorn, and test processes in their own network namespaces."""
+import hashlib
 import json
 import os
 import secrets
@@ -7,7 +8,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import pkgutil
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -15,16 +18,44 @@ from pathlib import Path
 
 import pytest
 
-from tcpmon import loader
+import tcpmon
+from tcpmon import _abi, loader
 
 ROOT = Path(__file__).resolve().parent.parent
+# What tests that drop privileges run besides tcpmon: staged with it (staged_install).
+STAGED_HELPERS = (Path(__file__).resolve().parent / "deploy" / "unit_sandbox.py",)
 CONNECTOR = Path(__file__).resolve().parent / "tools" / "connector.py"
 TCPMON = [sys.executable, "-m", "tcpmon"]
+# Run by the staged install's interpreter: what its extension modules were built from.
+ABI_REPORT = ("import json, tcpmon._abi as a; "
+              "print(json.dumps([a.ABI_VERSION, a.STRUCTS, a.MAPS, a.PINS], sort_keys=True, default=list))")
 
 
 def pytest_configure(config):
     if os.geteuid() != 0:
         pytest.exit("tcpmon's tests load BPF programs into the real kernel: run them as root (make test)", 2)
+
+
+NODE_MOUNTS = (("bpf", "/sys/fs/bpf"), ("tracefs", "/sys/kernel/tracing"))
+
+
+def mounted(path, fstype):
+    """Whether `fstype` is mounted at `path` in this mount namespace (/proc/self/mounts)."""
+    with open("/proc/self/mounts") as f:
+        return any(fields[1] == path and fields[2] == fstype for fields in (line.split() for line in f))
+
+
+@pytest.fixture(scope="session")
+def node_mounts():
+    """This host set up as a node is: bpffs at /sys/fs/bpf and tracefs at /sys/kernel/tracing
+    (systemd mounts both at boot). A fresh host has neither until something mounts them, and
+    tests that run tcpmon without CAP_SYS_ADMIN (as the chart and the units do) must not rely
+    on an earlier test's `tcpmon load` as root having done it. Left mounted, as on a node:
+    other tests' pins may live there."""
+    for fstype, path in NODE_MOUNTS:
+        if not mounted(path, fstype):
+            subprocess.run(["mount", "-t", fstype, fstype, path], check=True, capture_output=True, text=True)
+    return dict((path, fstype) for fstype, path in NODE_MOUNTS)
 
 
 def private_pin_dir(tag):
@@ -188,3 +219,64 @@ def exporter(pin_dir):
     server = Exporter(pin_dir)
     yield server
     server.stop()
+
+
+class StagedInstall:
+    """tcpmon installed by scripts/install.sh with DESTDIR under a world-readable temporary
+    directory, for tests that drop privileges: the checkout may lie below a directory other
+    users cannot enter (/root is 0700), and so may the test venv's interpreter."""
+    UNIT_DIR = "usr/local/lib/systemd/system"
+    HOME = "opt/tcpmon"
+
+    def __init__(self, top):
+        self.top = top
+        self.root = top / "root"                  # DESTDIR
+        self.helpers = top / "helpers"            # test helpers the unprivileged side runs
+        self.python = self.root / self.HOME / "bin/python"
+        self.tcpmon = self.root / self.HOME / "bin/tcpmon"
+
+    def helper(self, name):
+        return self.helpers / name
+
+    def data_file(self, name):
+        run = subprocess.run([str(self.python), "-c", "import tcpmon, os; print(os.path.dirname(tcpmon.__file__))"],
+                             capture_output=True, text=True, check=True, cwd="/")
+        return Path(run.stdout.strip()) / "data" / name
+
+
+def _sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def staged_install():
+    """scripts/install.sh with DESTDIR (Debian's /usr/bin/python3, as on a host), every part
+    readable by any user, the helpers in STAGED_HELPERS copied beside it. The staged package
+    carries the checkout's BPF object byte for byte, and its extension modules are built from the
+    checkout's sources: the same modules, reporting the same ABI (tcpmon/_abi) as the checkout's."""
+    top = Path(tempfile.mkdtemp(prefix="tcpmon-staged-"))
+    try:
+        top.chmod(0o755)
+        staged = StagedInstall(top)
+        staged.helpers.mkdir(mode=0o755)
+        for helper in STAGED_HELPERS:
+            shutil.copy(helper, staged.helpers / helper.name)
+            (staged.helpers / helper.name).chmod(0o644)
+        result = subprocess.run([str(ROOT / "scripts/install.sh")], capture_output=True, text=True, timeout=900,
+                                env=dict(os.environ, DESTDIR=str(staged.root), PYTHON="/usr/bin/python3"))
+        assert result.returncode == 0, f"DESTDIR install failed: {result.stderr}"
+        subprocess.run(["chmod", "-R", "a+rX", str(top)], check=True)
+        assert _sha256(staged.data_file("tcpconnect.bpf.o")) == _sha256(ROOT / "tcpmon/data/tcpconnect.bpf.o"), \
+            "the staged install carries another BPF object than the checkout"
+        abi = subprocess.run([str(staged.python), "-c", ABI_REPORT], capture_output=True, text=True, cwd="/")
+        ours = json.dumps([_abi.ABI_VERSION, _abi.STRUCTS, _abi.MAPS, _abi.PINS], sort_keys=True, default=list)
+        assert abi.returncode == 0 and json.loads(abi.stdout) == json.loads(ours), \
+            f"the staged extension modules differ from the checkout's: {abi.stderr}"
+        staged_modules = subprocess.run([str(staged.python), "-c", "import tcpmon, pkgutil; print(sorted(m.name "
+                                         "for m in pkgutil.iter_modules(tcpmon.__path__) if m.name.startswith('_')))"],
+                                        capture_output=True, text=True, check=True, cwd="/").stdout.strip()
+        assert staged_modules == str(sorted(m.name for m in pkgutil.iter_modules(tcpmon.__path__)
+                                            if m.name.startswith("_"))), staged_modules
+        yield staged
+    finally:
+        shutil.rmtree(top)

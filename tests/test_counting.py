@@ -48,7 +48,7 @@ tracepoint:sock:inet_sock_set_state
 
 
 @pytest.mark.skipif(not shutil.which("bpftrace"), reason="bpftrace is not installed (scripts/apt-packages.txt)")
-def test_counts_equal_bpftrace_on_the_same_hook(exporter):
+def test_counts_equal_bpftrace_on_the_same_hook(exporter, node_mounts):  # bpftrace reads tracefs
     comm = unique_comm()
     tracer = subprocess.Popen(["bpftrace", "-e", BPFTRACE_SCRIPT % comm], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)

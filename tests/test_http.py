@@ -403,10 +403,11 @@ def test_dump_as_root_without_any_capability(pin_dir):
         assert entries == [{"pid": proc.pid, "comm": proc.comm.decode(), "connects": 3}]
 
 
-def test_dump_without_any_capability_or_pin_access_fails_in_one_line(pin_dir):
+def test_dump_without_any_capability_or_pin_access_fails_in_one_line(pin_dir, staged_install):
+    """As user nobody, which may not enter the checkout or the test venv: the staged install, from /."""
     result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *NO_CAPS[1:],
-                             *TCPMON, "dump", "--pin-dir", pin_dir],
-                            capture_output=True, text=True, timeout=60)
+                             str(staged_install.tcpmon), "dump", "--pin-dir", pin_dir],
+                            capture_output=True, text=True, timeout=60, cwd="/")
     assert result.returncode != 0 and result.stdout == ""
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("tcpmon: "), result.stderr

@@ -426,3 +426,39 @@ def test_schema_rejects_bad_attribution_values(helm, bad):
     result = helm_template(helm, bad, check=False)[1]
     assert result.returncode != 0, f"helm accepted --set {bad}"
     assert "schema" in result.stderr.lower() or "values don't meet" in result.stderr.lower()
+
+
+def test_bpffs_mount_is_off_by_default(pod):
+    assert [c["name"] for c in pod["initContainers"]] == ["loader"]
+    for container in pod["initContainers"] + pod["containers"]:
+        assert all("mountPropagation" not in m for m in container["volumeMounts"]), container["name"]
+        assert container["securityContext"]["privileged"] is False
+
+
+def test_bpffs_mount_adds_a_privileged_init_step_that_shares_its_mount_with_the_node(helm, lint_tools, tmp_path):
+    import subprocess
+    from deploylib import K8S_VERSION
+    docs, result = helm_template(helm, "bpffsMount=true")
+    pod = _one(docs, "DaemonSet")["spec"]["template"]["spec"]
+    (mount, loader), (exporter,) = pod["initContainers"], pod["containers"]
+    assert mount["name"] == "mount-bpffs" and mount["securityContext"]["privileged"] is True
+    assert "mount -t bpf bpf /sys/fs/bpf" in mount["command"][-1]
+    assert mount["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "mountPropagation": "Bidirectional"}]
+    assert loader["volumeMounts"][0] == {"name": "bpffs", "mountPath": "/sys/fs/bpf",
+                                         "mountPropagation": "HostToContainer"}
+    assert exporter["volumeMounts"] == [{"name": "bpffs", "mountPath": "/sys/fs/bpf", "readOnly": True,
+                                         "mountPropagation": "HostToContainer"}]
+    # the loader and the exporter keep their own capability sets
+    assert loader["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON"]}
+    assert exporter["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF"]}
+    assert loader["securityContext"]["privileged"] is exporter["securityContext"]["privileged"] is False
+    manifest = tmp_path / "bpffs.yaml"
+    manifest.write_text(result.stdout)
+    check = subprocess.run([str(lint_tools / "kubernetes-validate"), "--strict", "-k", K8S_VERSION, str(manifest)],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_schema_rejects_a_bpffs_mount_that_is_not_a_boolean(helm):
+    _, result = helm_template(helm, "bpffsMount=yes", check=False)
+    assert result.returncode != 0 and "bpffsMount" in result.stderr, result.stderr

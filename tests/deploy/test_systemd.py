@@ -26,7 +26,6 @@ from tcpmon import loader as tcpmon_loader
 UNITS = REPO / "deploy" / "systemd"
 UNIT_DIR = "usr/local/lib/systemd/system"
 HOME = "opt/tcpmon"
-SANDBOX = Path(__file__).resolve().parent / "unit_sandbox.py"
 
 
 def parse_unit(path):
@@ -55,15 +54,10 @@ def exporter_unit():
 
 
 @pytest.fixture(scope="module")
-def staged():
-    """scripts/install.sh with DESTDIR: the package built and installed with /usr/bin/python3."""
-    destdir = Path(tempfile.mkdtemp(prefix="tcpmon-install-"))
-    destdir.chmod(0o755)  # the unprivileged exporter below runs from here
-    result = subprocess.run([str(REPO / "scripts/install.sh")], env=dict(os.environ, DESTDIR=str(destdir)),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, f"DESTDIR install failed: {result.stderr}"
-    yield destdir
-    shutil.rmtree(destdir)
+def staged(staged_install):
+    """scripts/install.sh with DESTDIR (tests/conftest.py): the package built and installed with
+    /usr/bin/python3, readable by user nobody wherever the checkout lies."""
+    return staged_install
 
 
 def test_loader_unit_is_a_oneshot_that_unloads_on_stop(load_unit):
@@ -119,12 +113,12 @@ def test_units_agree_on_the_pin_dir_and_the_group(load_unit, exporter_unit):
 def test_install_stages_everything_under_destdir(staged):
     for rel in (f"{UNIT_DIR}/tcpmon-load.service", f"{UNIT_DIR}/tcpmon.service",
                 "usr/local/lib/sysusers.d/tcpmon.conf", "etc/default/tcpmon"):
-        assert (staged / rel).is_file(), rel
-    assert (UNITS / "tcpmon.service").read_text() == (staged / UNIT_DIR / "tcpmon.service").read_text()
-    assert os.readlink(staged / "usr/local/bin/tcpmon") == "/opt/tcpmon/bin/tcpmon"
-    version = subprocess.run([str(staged / HOME / "bin/tcpmon"), "--version"], capture_output=True, text=True)
+        assert (staged.root / rel).is_file(), rel
+    assert (UNITS / "tcpmon.service").read_text() == (staged.root / UNIT_DIR / "tcpmon.service").read_text()
+    assert os.readlink(staged.root / "usr/local/bin/tcpmon") == "/opt/tcpmon/bin/tcpmon"
+    version = subprocess.run([str(staged.root / HOME / "bin/tcpmon"), "--version"], capture_output=True, text=True)
     assert version.stdout.strip() == f"tcpmon {__version__}"
-    data = subprocess.run([str(staged / HOME / "bin/python"), "-c",
+    data = subprocess.run([str(staged.root / HOME / "bin/python"), "-c",
                            "import tcpmon.loader as l, os; print(os.path.getsize(l.default_object()))"],
                           capture_output=True, text=True)
     assert data.returncode == 0 and int(data.stdout) > 0, data.stderr
@@ -132,7 +126,7 @@ def test_install_stages_everything_under_destdir(staged):
 
 def test_installed_units_verify_against_the_installed_layout(staged, tmp_path):
     root = tmp_path / "root"
-    shutil.copytree(staged, root, symlinks=True)
+    shutil.copytree(staged.root, root, symlinks=True)
     shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
     (root / "usr/bin").mkdir(parents=True, exist_ok=True)
     for tool in ("/usr/bin/chgrp", "/usr/bin/chmod", "/usr/bin/kill"):
@@ -157,7 +151,7 @@ def test_documented_exposure_is_what_systemd_analyze_says(staged):
     for unit in ("tcpmon.service", "tcpmon-load.service"):
         documented = re.search(rf"`{re.escape(unit)}`[^|\n]*\|\s*(\d+\.\d)", docs)
         assert documented, f"docs/DEVELOPMENT.md has no exposure row for {unit}"
-        assert documented.group(1) == _exposure(staged, unit), unit
+        assert documented.group(1) == _exposure(staged.root, unit), unit
 
 
 def test_install_refuses_unknown_options():
@@ -178,31 +172,34 @@ def _as_tcpmon_service(staged, pin_dir, view, *args):
     """The staged `tcpmon ARGS --pin-dir VIEW` as tcpmon.service runs it: uid/gid nobody,
     CAP_BPF ambient and bounding, no_new_privs, the unit's MemoryDenyWriteExecute= and
     SystemCallFilter= (unit_sandbox.py), and the pin dir bound read-only at VIEW
-    (BindReadOnlyPaths=)."""
-    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all,+bpf",
-               "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
-               "/usr/bin/python3", str(SANDBOX), str(staged / UNIT_DIR / "tcpmon.service"),
-               str(staged / HOME / "bin/tcpmon"), *args, "--pin-dir", view]
+    (BindReadOnlyPaths=), in / (a system unit's default WorkingDirectory=; the checkout may be
+    where nobody cannot enter)."""
+    command = ["env", "--chdir=/", "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+               "--inh-caps=-all,+bpf", "--ambient-caps=-all,+bpf", "--bounding-set=-all,+bpf", "--no-new-privs",
+               "/usr/bin/python3", str(staged.helper("unit_sandbox.py")),
+               str(staged.root / UNIT_DIR / "tcpmon.service"), str(staged.root / HOME / "bin/tcpmon"),
+               *args, "--pin-dir", view]
     return through_readonly_bind(pin_dir, view, command)
 
 
 def _as_loader_service(staged, *command):
     """`command` as tcpmon-load.service runs its Exec* lines: root holding only the unit's
     capabilities, no_new_privs, the unit's MemoryDenyWriteExecute= and SystemCallFilter=."""
-    caps = parse_unit(staged / UNIT_DIR / "tcpmon-load.service")[("Service", "CapabilityBoundingSet")][0]
+    caps = parse_unit(staged.root / UNIT_DIR / "tcpmon-load.service")[("Service", "CapabilityBoundingSet")][0]
     bounding = ",".join(["-all"] + ["+" + cap.removeprefix("CAP_").lower() for cap in caps.split()])
     return ["setpriv", "--reuid=0", "--regid=0", "--clear-groups", "--inh-caps=-all", "--ambient-caps=-all",
-            f"--bounding-set={bounding}", "--no-new-privs", "/usr/bin/python3", str(SANDBOX),
-            str(staged / UNIT_DIR / "tcpmon-load.service"), *command]
+            f"--bounding-set={bounding}", "--no-new-privs", "/usr/bin/python3", str(staged.helper("unit_sandbox.py")),
+            str(staged.root / UNIT_DIR / "tcpmon-load.service"), *command]
 
 
-def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, load_unit):
+def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, load_unit, node_mounts):
+    """Without CAP_SYS_ADMIN the unit relies on systemd having mounted bpffs (node_mounts)."""
     pin_dir = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
     service = {key: values for (section, key), values in load_unit.items() if section == "Service"}
 
     def run(command):
         args = [arg.replace(DEFAULT_PIN_DIR, pin_dir) for arg in command.split()]
-        args = [str(staged / HOME / "bin/tcpmon") if arg == "/opt/tcpmon/bin/tcpmon" else arg for arg in args]
+        args = [str(staged.root / HOME / "bin/tcpmon") if arg == "/opt/tcpmon/bin/tcpmon" else arg for arg in args]
         if args[0].endswith("chgrp"):
             args[-2] = "nogroup"  # user tcpmon exists only where install.sh ran for real
         return subprocess.run(_as_loader_service(staged, *args), capture_output=True, text=True, timeout=120)
@@ -224,7 +221,7 @@ def test_loader_unit_loads_shares_and_unloads_under_its_restrictions(staged, loa
 
 
 @pytest.fixture
-def shared_pins(load_unit):
+def shared_pins(load_unit, node_mounts):
     """The probe loaded under a private pin dir, then the loader unit's ExecStartPost
     commands run on it with group nogroup in place of tcpmon."""
     pin_dir = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
