@@ -15,7 +15,9 @@
 # --bpf-object  load this BPF object instead of the package's (e.g. a deliberately
 #            broken one, to see the matrix fail); it must lie outside /tmp, which
 #            the guest mounts over
-# --runs     where each guest's console log and results go (default .cache/kernels/runs)
+# --runs     where each guest's console log, setup log (the stderr of fetching the
+#            kernel and building its initramfs and root) and results go
+#            (default .cache/kernels/runs)
 # --output   where the markdown table goes (default: docs/KERNELS.md for the full
 #            matrix, .cache/kernels/quick.md with --quick or --only)
 # --offline  no apt: use the kernels already in .cache/kernels/
@@ -363,6 +365,8 @@ for entry in "${entries[@]}"; do
 	t0=$(date +%s)
 	# One kernel that cannot be fetched or booted fails its row, not the whole matrix.
 	# (errexit only works in a subshell that is not the operand of || or if.)
+	# Its stderr goes to the terminal and to setup.log: a failed step's reason is the
+	# tail of that log (report.py puts it in the row and the failure log).
 	set +e
 	(
 		set -e
@@ -375,11 +379,16 @@ for entry in "${entries[@]}"; do
 		echo "release=$(kernel_release "$tree")" >>"$rundir/meta.env"
 		initramfs=$(build_initramfs "$label" "$arch" "$tree")
 		boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
-	)
+	) 2> >(tee "$rundir/setup.log" >&2)
 	rc=$?
+	wait $! 2>/dev/null # the tee has written all of setup.log
 	set -e
 	if [ "$rc" -ne 0 ] && ! grep -q '^setup_error=' "$rundir/meta.env"; then
 		echo "setup_error=preparing the guest failed (exit $rc)" >>"$rundir/meta.env"
+	fi
+	if [ "$rc" -ne 0 ]; then
+		note "$label: setup failed (exit $rc); the last lines of its stderr ($rundir/setup.log):"
+		tail -n 5 "$rundir/setup.log" | sed 's/^/    /' >&2
 	fi
 	note "$label: guest finished in $(($(date +%s) - t0))s"
 	runs+=("$rundir")
