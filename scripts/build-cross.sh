@@ -159,8 +159,8 @@ if [ "$run" -eq 1 ]; then
 	cd "$check" # not the repo: python puts the working directory first on sys.path
 	if ! got=$(PYTHONPATH=$check QEMU_LD_PREFIX=$sysroot "$qemu" "$sysroot/usr/bin/python3.11" -c '
 import platform
-from tcpmon import _libbpf, _maps, _render
-print(platform.machine(), "python", platform.python_version(), "connects value", _maps.PID_VALUE_SIZE, "bytes")
+from tcpmon import _abi, _libbpf, _maps, _render
+print(platform.machine(), "python", platform.python_version(), "ABI", _abi.ABI_VERSION, "with", len(_abi.MAPS), "maps")
 ' 2>&1); then
 		die "the $arch python could not import the wheel: $got"
 	fi
