@@ -53,6 +53,7 @@ wheel=$("$root/scripts/build-cross.sh" "$arch") || { say "scripts/build-cross.sh
 sysroot=$root/.cache/cross/$arch/sysroot
 say "assembling $rootfs"
 rm -rf "$rootfs" "$rootfs.key"
+mkdir -p "$cache"
 cp -al "$sysroot" "$rootfs" # hard links: never write into an existing file below
 mkdir -p "$rootfs/$site" "$rootfs"/{proc,sys,dev,tmp,run,var/tmp,etc} "$rootfs$root"
 "$py" -m zipfile -e "$wheel" "$rootfs/$site"
