@@ -368,20 +368,22 @@ for entry in "${entries[@]}"; do
 	# Its stderr goes to the terminal and to setup.log: a failed step's reason is the
 	# tail of that log (report.py puts it in the row and the failure log).
 	set +e
-	(
+	{ (
 		set -e
+		# without it a failing command inside $(fetch_kernel ...) would not stop the function
+		shopt -s inherit_errexit
 		die() {
 			echo "run-matrix: $*" >&2
 			echo "setup_error=$*" >>"$rundir/meta.env"
 			exit 2
 		}
 		tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
-		echo "release=$(kernel_release "$tree")" >>"$rundir/meta.env"
+		release=$(kernel_release "$tree")
+		echo "release=$release" >>"$rundir/meta.env"
 		initramfs=$(build_initramfs "$label" "$arch" "$tree")
 		boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
-	) 2> >(tee "$rundir/setup.log" >&2)
-	rc=$?
-	wait $! 2>/dev/null # the tee has written all of setup.log
+	) 2>&1 1>&3 3>&- | tee "$rundir/setup.log" >&2; } 3>&1
+	rc=$? # the subshell's (pipefail; tee exits 0), once tee has written all of setup.log
 	set -e
 	if [ "$rc" -ne 0 ] && ! grep -q '^setup_error=' "$rundir/meta.env"; then
 		echo "setup_error=preparing the guest failed (exit $rc)" >>"$rundir/meta.env"
