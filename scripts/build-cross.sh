@@ -56,9 +56,10 @@ riscv)
 	;;
 *) echo "build-cross: arch $arch: use arm64 or arm" >&2; exit 2 ;;
 esac
-# What the build needs from the target, and what the kernel-matrix guest runs with.
+# What the build needs from the target, and what the kernel-matrix guest runs with
+# (libstdc++6: greenlet's manylinux wheel, under gevent, links the system's C++ runtime).
 PACKAGES=(libc6-dev linux-libc-dev libpython3.11-dev libbpf-dev libelf-dev zlib1g-dev
-	python3.11 python3-minimal coreutils busybox-static bpftool)
+	python3.11 python3-minimal coreutils busybox-static bpftool libstdc++6)
 cache=$root/.cache/cross/$arch
 sysroot=$cache/sysroot
 out=$root/build/cross/$arch
