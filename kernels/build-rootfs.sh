@@ -76,6 +76,14 @@ while read -r pin; do
 	"$py" -m zipfile -e "$file" "$rootfs/$site"
 done <<<"$pins"
 
+# The guest's python must import what the smoke runs (tcpmon serve: gevent, gunicorn, PyYAML):
+# a missing library fails here, in one line, not in every mode of a booted guest.
+if command -v qemu-aarch64-static >/dev/null; then
+	got=$(cd "$rootfs" && PYTHONPATH=$rootfs/$site QEMU_LD_PREFIX=$rootfs qemu-aarch64-static "$rootfs/usr/bin/python3.11" \
+		-c 'import tcpmon.cli, tcpmon.server, tcpmon.web' 2>&1) ||
+		{ say "the arm64 root cannot import tcpmon's server: $(tail -1 <<<"$got") (in $rootfs)"; exit 1; }
+fi
+
 rm -f "$rootfs/etc/passwd" "$rootfs/etc/group" "$rootfs/etc/hosts"
 echo "root:x:0:0:root:/tmp:/bin/sh" >"$rootfs/etc/passwd"
 echo "root:x:0:" >"$rootfs/etc/group"
