@@ -189,7 +189,8 @@ fetch_kernel() { # LABEL ARCH RELEASE PACKAGE
 
 kernel_release() { # TREE
 	local rel
-	rel=$(find "$1/lib/modules" "$1/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -1)
+	# one of the two dirs is absent (find exits 1): not a failure under pipefail, the test below is
+	rel=$(find "$1/lib/modules" "$1/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -1 || true)
 	[ -n "$rel" ] || die "$1: no lib/modules/<release>"
 	echo "$rel"
 }
@@ -293,7 +294,7 @@ kernel_image() { # TREE
 	local image
 	# boot/vmlinuz-<release>, or (Debian 13+ packages) usr/lib/modules/<release>/vmlinuz
 	image=$(find "$1/boot" "$1/usr/lib/modules" "$1/lib/modules" -maxdepth 2 \
-		\( -name 'vmlinuz-*' -o -name 'vmlinuz' \) 2>/dev/null | head -1)
+		\( -name 'vmlinuz-*' -o -name 'vmlinuz' \) 2>/dev/null | head -1 || true)
 	[ -n "$image" ] || die "$1: no boot/vmlinuz-* or lib/modules/*/vmlinuz"
 	echo "$image"
 }
@@ -372,6 +373,10 @@ for entry in "${entries[@]}"; do
 		set -e
 		# without it a failing command inside $(fetch_kernel ...) would not stop the function
 		shopt -s inherit_errexit
+		# A command that fails without a word still names itself (once: the innermost one).
+		set -E
+		trap 'rc=$?; [ -e "$rundir/.failed" ] || { : >"$rundir/.failed"
+			echo "run-matrix: $label: line $LINENO: '"'"'$BASH_COMMAND'"'"' exited $rc" >&2; }' ERR
 		die() {
 			echo "run-matrix: $*" >&2
 			echo "setup_error=$*" >>"$rundir/meta.env"
