@@ -2,9 +2,11 @@
 
     python3 kernels/report.py --output docs/KERNELS.md RUNDIR...
 
-Each RUNDIR (.cache/kernels/runs/<label>/) holds meta.env (written by
-run-matrix.sh), results.jsonl (written by kernels/guest_smoke.py in the guest)
-and console.log.  A mode passes when `tcpmon dump` and the exporter both show
+Each RUNDIR (.cache/kernels/runs/<label>/) holds meta.env and setup.log (the
+stderr of fetching the kernel and building the guest, written by run-matrix.sh),
+results.jsonl (written by kernels/guest_smoke.py in the guest), console.log and
+qemu.log.  A guest that failed before or while booting is reported with the
+tail of whichever of those logs says why.  A mode passes when `tcpmon dump` and the exporter both show
 exactly the expected connects for the connector's PID and comm, the PID leaves
 the map when the connector exits, and unload frees everything.  A mode that is
 not must-work may fail to load ("not supported"); any other failure, a guest
@@ -53,6 +55,40 @@ def read_results(rundir):
     except FileNotFoundError:
         pass
     return facts, results
+
+
+def log_tail(rundir, name, lines=20):
+    """The last LINES non-empty lines of RUNDIR/NAME ([] when it is missing or empty)."""
+    try:
+        with open(os.path.join(rundir, name), errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    return [line.rstrip() for line in text.splitlines() if line.strip()][-lines:]
+
+
+def setup_reason(meta, rundir):
+    """'setup failed: WHAT: THE LAST LINES OF ITS STDERR' for a guest that could not be prepared."""
+    reason = f"setup failed: {meta['setup_error']}"
+    # run-matrix's own progress notes are not reasons; the failing step's messages are
+    said = [line for line in log_tail(rundir, "setup.log") if line.split(": ", 1)[-1] not in reason
+            and not re.match(r"run-matrix: [\w-]+: (unpacking|downloading) ", line)][-3:]
+    if said:
+        reason += " — stderr: " + " / ".join(said)
+    elif "(exit" in meta["setup_error"]:
+        reason += " — no stderr (setup.log is empty)"
+    return reason[:600]
+
+
+def failure_log(rundir, console_tail):
+    """The logs that say why a guest failed, for the terminal."""
+    parts = []
+    for name, lines in (("setup.log", log_tail(rundir, "setup.log")), ("qemu.log", log_tail(rundir, "qemu.log"))):
+        if lines:
+            parts.append(f"{name} tail ({os.path.join(rundir, name)}):\n" + "\n".join(lines))
+    if console_tail.strip():
+        parts.append(f"console tail ({os.path.join(rundir, 'console.log')}):\n{console_tail}")
+    return "\n".join(parts) or f"no setup, qemu or console output in {rundir}"
 
 
 def console_done(rundir):
@@ -141,17 +177,19 @@ def evaluate(rundirs):
         if done_rc is None or done_rc != "0" or missing or not results:
             why = []
             if meta.get("setup_error"):
-                why.append(f"setup failed: {meta['setup_error']}")
+                why.append(setup_reason(meta, rundir))
             elif meta.get("qemu_rc") == "124":
                 why.append("guest hung (timeout)")
             if done_rc is None and not meta.get("setup_error"):
-                why.append(f"guest did not finish (qemu exit {meta.get('qemu_rc', '?')})")
+                said = log_tail(rundir, "qemu.log", 2) or [last_line(console_tail)]
+                why.append(f"guest did not finish (qemu exit {meta.get('qemu_rc', '?')})"
+                           + (f": {' / '.join(s for s in said if s)}" if any(said) else ""))
             elif done_rc is not None and done_rc != "0":
                 why.append(f"smoke exited {done_rc}")
             if missing:
                 why.append(f"no result for {', '.join(missing)}")
             if why:
-                failures.append(f"{label}: {'; '.join(why)}; console tail:\n{console_tail}")
+                failures.append(f"{label}: {'; '.join(why)}\n{failure_log(rundir, console_tail)}")
                 rows.append({"label": label, "kernel": kernel, "arch": meta.get("arch", "?"),
                              "result": {"mode": ", ".join(missing) or "–"}, "verdict": "FAIL",
                              "reasons": why})

@@ -15,7 +15,9 @@
 # --bpf-object  load this BPF object instead of the package's (e.g. a deliberately
 #            broken one, to see the matrix fail); it must lie outside /tmp, which
 #            the guest mounts over
-# --runs     where each guest's console log and results go (default .cache/kernels/runs)
+# --runs     where each guest's console log, setup log (the stderr of fetching the
+#            kernel and building its initramfs and root) and results go
+#            (default .cache/kernels/runs)
 # --output   where the markdown table goes (default: docs/KERNELS.md for the full
 #            matrix, .cache/kernels/quick.md with --quick or --only)
 # --offline  no apt: use the kernels already in .cache/kernels/
@@ -187,7 +189,8 @@ fetch_kernel() { # LABEL ARCH RELEASE PACKAGE
 
 kernel_release() { # TREE
 	local rel
-	rel=$(find "$1/lib/modules" "$1/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -1)
+	# one of the two dirs is absent (find exits 1): not a failure under pipefail, the test below is
+	rel=$(find "$1/lib/modules" "$1/usr/lib/modules" -mindepth 1 -maxdepth 1 -type d -printf '%f\n' 2>/dev/null | head -1 || true)
 	[ -n "$rel" ] || die "$1: no lib/modules/<release>"
 	echo "$rel"
 }
@@ -291,7 +294,7 @@ kernel_image() { # TREE
 	local image
 	# boot/vmlinuz-<release>, or (Debian 13+ packages) usr/lib/modules/<release>/vmlinuz
 	image=$(find "$1/boot" "$1/usr/lib/modules" "$1/lib/modules" -maxdepth 2 \
-		\( -name 'vmlinuz-*' -o -name 'vmlinuz' \) 2>/dev/null | head -1)
+		\( -name 'vmlinuz-*' -o -name 'vmlinuz' \) 2>/dev/null | head -1 || true)
 	[ -n "$image" ] || die "$1: no boot/vmlinuz-* or lib/modules/*/vmlinuz"
 	echo "$image"
 }
@@ -363,23 +366,36 @@ for entry in "${entries[@]}"; do
 	t0=$(date +%s)
 	# One kernel that cannot be fetched or booted fails its row, not the whole matrix.
 	# (errexit only works in a subshell that is not the operand of || or if.)
+	# Its stderr goes to the terminal and to setup.log: a failed step's reason is the
+	# tail of that log (report.py puts it in the row and the failure log).
 	set +e
-	(
+	{ (
 		set -e
+		# without it a failing command inside $(fetch_kernel ...) would not stop the function
+		shopt -s inherit_errexit
+		# A command that fails without a word still names itself (once: the innermost one).
+		set -E
+		trap 'rc=$?; [ -e "$rundir/.failed" ] || { : >"$rundir/.failed"
+			echo "run-matrix: $label: line $LINENO: '"'"'$BASH_COMMAND'"'"' exited $rc" >&2; }' ERR
 		die() {
 			echo "run-matrix: $*" >&2
 			echo "setup_error=$*" >>"$rundir/meta.env"
 			exit 2
 		}
 		tree=$(fetch_kernel "$label" "$arch" "$release" "$package")
-		echo "release=$(kernel_release "$tree")" >>"$rundir/meta.env"
+		release=$(kernel_release "$tree")
+		echo "release=$release" >>"$rundir/meta.env"
 		initramfs=$(build_initramfs "$label" "$arch" "$tree")
 		boot "$label" "$arch" "$tree" "$initramfs" "$rundir"
-	)
-	rc=$?
+	) 2>&1 1>&3 3>&- | tee "$rundir/setup.log" >&2; } 3>&1
+	rc=$? # the subshell's (pipefail; tee exits 0), once tee has written all of setup.log
 	set -e
 	if [ "$rc" -ne 0 ] && ! grep -q '^setup_error=' "$rundir/meta.env"; then
 		echo "setup_error=preparing the guest failed (exit $rc)" >>"$rundir/meta.env"
+	fi
+	if [ "$rc" -ne 0 ]; then
+		note "$label: setup failed (exit $rc); the last lines of its stderr ($rundir/setup.log):"
+		tail -n 5 "$rundir/setup.log" | sed 's/^/    /' >&2
 	fi
 	note "$label: guest finished in $(($(date +%s) - t0))s"
 	runs+=("$rundir")

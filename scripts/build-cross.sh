@@ -3,6 +3,7 @@
 # object) as a wheel for another Debian architecture, on an amd64 Debian host:
 #
 #   scripts/build-cross.sh [--no-run] [arm64|arm]   -> build/cross/<arch>/tcpmon-*.whl
+#   scripts/build-cross.sh --sources                 -> the repository files the wheel is built from
 #
 # 1. A sysroot of the target's Debian packages (python3.11, libpython3.11-dev,
 #    libbpf-dev, libc6-dev, ...) unpacked from .debs that scripts/debian-apt.sh
@@ -23,6 +24,22 @@
 # (no Debian 12 port).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
+
+# The repository files the wheel is built from (relative to the root, sorted): the
+# package with every subpackage, the extensions and the BPF sources.  kernels/build-rootfs.sh
+# keys its cache on these, so a file added to the package is both shipped and noticed.
+sources() {
+	(cd "$root" && {
+		echo setup.py
+		find ext -maxdepth 1 \( -name '*.pyx' -o -name '*.pxd' \) -type f
+		find bpf -maxdepth 1 \( -name '*.c' -o -name '*.h' -o -name Makefile \) -type f
+		find tcpmon -name '*.py' -type f -not -path '*/__pycache__/*'
+	} | LC_ALL=C sort)
+}
+if [ "${1:-}" = --sources ]; then
+	sources
+	exit 0
+fi
 run=1
 if [ "${1:-}" = --no-run ]; then
 	run=0
@@ -39,9 +56,10 @@ riscv)
 	;;
 *) echo "build-cross: arch $arch: use arm64 or arm" >&2; exit 2 ;;
 esac
-# What the build needs from the target, and what the kernel-matrix guest runs with.
+# What the build needs from the target, and what the kernel-matrix guest runs with
+# (libstdc++6: greenlet's manylinux wheel, under gevent, links the system's C++ runtime).
 PACKAGES=(libc6-dev linux-libc-dev libpython3.11-dev libbpf-dev libelf-dev zlib1g-dev
-	python3.11 python3-minimal coreutils busybox-static bpftool)
+	python3.11 python3-minimal coreutils busybox-static bpftool libstdc++6)
 cache=$root/.cache/cross/$arch
 sysroot=$cache/sysroot
 out=$root/build/cross/$arch
@@ -86,16 +104,17 @@ fi
 # --- 2. the wheel -------------------------------------------------------------
 src=$cache/src
 rm -rf "$src" "$out"
-mkdir -p "$src/ext" "$src/bpf" "$src/tcpmon/data" "$out"
-cp "$root/setup.py" "$src/"
-cp "$root"/ext/*.pyx "$root"/ext/*.pxd "$src/ext/"
-cp "$root"/bpf/*.c "$root"/bpf/*.h "$root/bpf/Makefile" "$src/bpf/"
-cp "$root"/tcpmon/*.py "$src/tcpmon/"
+mkdir -p "$src/tcpmon/data" "$out"
+# A copy of the sources, subpackages included (setup.py lists tcpmon.attribution and any later one).
+mapfile -t files < <(sources)
+[ ${#files[@]} -gt 1 ] || die "no package sources found under $root"
+(cd "$root" && cp --parents "${files[@]}" "$src/")
 # The object `make build-all` makes, built in place (its BTF line info names the source path).
 make -s -C "$root/bpf" TARGET_ARCH="$arch" >&2
 cp "$root/build/bpf/$arch/tcpconnect.bpf.o" "$src/tcpmon/data/"
 
-sysconfigdata=$(find "$sysroot/usr/lib/python3.11" -maxdepth 1 -name "_sysconfigdata__*${triplet}*.py" | head -1)
+# (find on a sysroot without python3.11 must reach the die below, not end the script under pipefail)
+sysconfigdata=$(find "$sysroot/usr/lib/python3.11" -maxdepth 1 -name "_sysconfigdata__*${triplet}*.py" 2>/dev/null | head -1 || true)
 [ -n "$sysconfigdata" ] || die "no _sysconfigdata for $triplet in the sysroot"
 mkdir -p "$cache/sysconfig"
 cp "$sysconfigdata" "$cache/sysconfig/"
@@ -124,13 +143,15 @@ mkdir -p "$check"
 "$root/.venv/bin/python" -m zipfile -e "$wheel" "$check"
 failed=0
 for so in "$check"/tcpmon/*.so; do
-	if ! readelf -h "$so" | grep -Eq "Machine:[[:space:]]+$machine"; then
+	if ! grep -Eq "Machine:[[:space:]]+$machine" <<<"$(readelf -h "$so" 2>&1)"; then
 		say "$(basename "$so") is not a $machine ELF: $(readelf -h "$so" | sed -n 's/ *Machine: *//p')"
 		failed=1
 	fi
 done
 [ -e "$check/tcpmon/data/tcpconnect.bpf.o" ] || { say "the wheel has no BPF object"; failed=1; }
-readelf -d "$check"/tcpmon/_libbpf*.so | grep -q 'NEEDED.*libbpf\.so\.1' || { say "_libbpf does not link libbpf.so.1"; failed=1; }
+# (a here-string, not a pipe: grep -q exiting early must not turn into a pipefail failure)
+grep -q 'NEEDED.*libbpf\.so\.1' <<<"$(readelf -d "$check"/tcpmon/_libbpf*.so 2>&1)" ||
+	{ say "_libbpf does not link libbpf.so.1"; failed=1; }
 [ "$failed" -eq 0 ] || die "$wheel failed its checks"
 if [ "$run" -eq 1 ]; then
 	command -v "$qemu" >/dev/null || die "$qemu not found: apt-get install qemu-user-static (or pass --no-run)"
@@ -139,8 +160,8 @@ if [ "$run" -eq 1 ]; then
 	cd "$check" # not the repo: python puts the working directory first on sys.path
 	if ! got=$(PYTHONPATH=$check QEMU_LD_PREFIX=$sysroot "$qemu" "$sysroot/usr/bin/python3.11" -c '
 import platform
-from tcpmon import _libbpf, _maps, _render
-print(platform.machine(), "python", platform.python_version(), "connects value", _maps.PID_VALUE_SIZE, "bytes")
+from tcpmon import _abi, _libbpf, _maps, _render
+print(platform.machine(), "python", platform.python_version(), "ABI", _abi.ABI_VERSION, "with", len(_abi.MAPS), "maps")
 ' 2>&1); then
 		die "the $arch python could not import the wheel: $got"
 	fi

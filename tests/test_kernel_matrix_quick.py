@@ -114,3 +114,24 @@ def test_quick_guest_catches_a_miscount(qemu, tmp_path):
     assert r["dump"] == 2 * r["expected"], explain(proc)
     assert r["metrics"] == 2 * r["expected"]
     assert "**FAIL**" in output.read_text()
+
+
+def test_a_guest_that_cannot_be_prepared_fails_its_row_with_the_reason(tmp_path):
+    """A setup step that fails (here dpkg-deb on a cached kernel .deb that is not there) fails
+    the row with that step's own stderr, in the table and the log, not an empty console tail."""
+    cache = tmp_path / "cache"
+    (cache / "deb12-x86").mkdir(parents=True)
+    (cache / "deb12-x86" / "debs.txt").write_text("linux-image-absent_1_amd64.deb\n")
+    (cache / "debs" / "amd64").mkdir(parents=True)
+    env = dict(os.environ, TCPMON_KERNEL_CACHE=str(cache))
+    output = tmp_path / "quick.md"
+    proc = subprocess.run([str(RUN_MATRIX), "--only", "deb12-x86", "--modes", "kprobe", "--offline",
+                           "--runs", str(tmp_path / "runs"), "--output", str(output)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, explain(proc)
+    [row] = [line for line in output.read_text().splitlines() if line.startswith("| ") and "| kprobe |" in line]
+    assert "**FAIL**: setup failed: preparing the guest failed (exit" in row, row
+    # dpkg-deb's message names the missing file
+    assert re.search(r"stderr: .*dpkg-deb.*linux-image-absent_1_amd64\.deb", row), row
+    assert "linux-image-absent_1_amd64.deb" in (tmp_path / "runs" / "deb12-x86" / "setup.log").read_text()
+    assert re.search(r"run-matrix: FAIL deb12-x86: setup failed: .*dpkg-deb", proc.stderr), explain(proc)
