@@ -531,29 +531,51 @@ def prog_ids_of(pid):
     return ids
 
 
-# The same counting as tcpmon on the same hook: per PID and per comm, PIDs dropped at exit.
+# The same aggregation as tcpmon, written the way a bpftrace user would: at connect, the per-PID
+# and per-comm counts, attempts per (cgroup, comm) and the socket's start (time, cgroup, comm) in a
+# map keyed by the socket; when the socket leaves SYN_SENT, the entry is taken and deleted, the
+# result counted per (cgroup, comm, result) from the socket's error, and a success adds its
+# duration to a sum and a log2 histogram (µs).  PIDs are dropped at exit.  Result numbers are
+# tcpmon's slots (0 success, 1 refused, 2 timeout, 3 unreachable, 4 aborted, 5 other).
 # bpftrace 0.17 has no tp_btf probes: for tp_btf it runs on the same kernel tracepoint through
 # the classic (perf) tracepoint attach.
-BPFTRACE_SCRIPTS = {
-    "tracepoint": """
-tracepoint:sock:inet_sock_set_state
-/args->oldstate == 7 && args->newstate == 2 && args->protocol == 6/
-{ @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-    "kprobe": """
-kprobe:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-    "fentry": """
-kfunc:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-}
-BPFTRACE_SCRIPTS["tp_btf"] = BPFTRACE_SCRIPTS["tracepoint"]
+_BT_CONNECT = """@connects[pid] = count(); @comm_totals[comm] = count(); @attempts[cgroup, comm] = count();
+    @sockets[%(sk)s] = (nsecs, cgroup, comm);"""
+_BT_OUTCOME = """$s = @sockets[args->skaddr];
+    if ($s.0 != 0) {
+      delete(@sockets[args->skaddr]);
+      if (args->newstate != 7) {
+        @results[$s.1, $s.2, 0] = count();
+        @duration_ns[$s.1, $s.2] = sum(nsecs - $s.0);
+        @latency_us[$s.1, $s.2] = hist((nsecs - $s.0) / 1000);
+      } else {
+        $err = ((struct sock *)args->skaddr)->sk_err;
+        $r = $err == 0 ? 4 : ($err == 111 ? 1 : ($err == 110 ? 2 : (($err == 113 || $err == 101) ? 3 : 5)));
+        @results[$s.1, $s.2, $r] = count();
+      }
+    }"""
+_BT_EXIT = "tracepoint:sched:sched_process_exit { delete(@connects[pid]); }\n"
+_BT_STATE = "tracepoint:sock:inet_sock_set_state\n/args->protocol == 6%s/\n"
+_BT_TRACEPOINT = (_BT_STATE % "" + "{\n  if (args->oldstate == 7 && args->newstate == 2) {\n    "
+                  + _BT_CONNECT % {"sk": "args->skaddr"}
+                  + "\n  } else if (args->oldstate == 2 && args->newstate != 2) {\n    " + _BT_OUTCOME
+                  + "\n  }\n}\n" + _BT_EXIT)
+
+
+def _bt_function(probe):
+    """kprobe/kfunc on tcp_connect for the connect part, the tracepoint for the outcome."""
+    sk = "arg0" if probe.startswith("kprobe") else "args->sk"
+    return (f"{probe}\n{{ " + _BT_CONNECT % {"sk": f"(uint64){sk}"} + " }\n"
+            + _BT_STATE % " && args->oldstate == 2 && args->newstate != 2" + "{\n    " + _BT_OUTCOME.replace(
+                "@sockets[args->skaddr]", "@sockets[(uint64)args->skaddr]") + "\n}\n" + _BT_EXIT)
+
+
+BPFTRACE_SCRIPTS = {"tracepoint": _BT_TRACEPOINT, "tp_btf": _BT_TRACEPOINT,
+                    "kprobe": _bt_function("kprobe:tcp_connect"), "fentry": _bt_function("kfunc:tcp_connect")}
+BPFTRACE_PROGRAMS = {"tracepoint": 2, "tp_btf": 2, "kprobe": 3, "fentry": 3}
 BPFTRACE_HOOK = {"tracepoint": "tracepoint sock:inet_sock_set_state",
                  "tp_btf": "tracepoint sock:inet_sock_set_state (bpftrace 0.17 has no tp_btf)",
-                 "kprobe": "kprobe tcp_connect", "fentry": "kfunc tcp_connect"}
+                 "kprobe": "kprobe tcp_connect + tracepoint", "fentry": "kfunc tcp_connect + tracepoint"}
 
 
 class Bpftrace:
@@ -605,25 +627,26 @@ class Bpftrace:
 
 
 class _OneProgram:
-    """One program of a BPF object loaded alone (the others' autoload off), attached and detached
-    at will without reloading."""
+    """Programs of a BPF object loaded alone (the others' autoload off), attached and detached
+    together at will without reloading.  `program` is one name or a tuple of them."""
 
     def __init__(self, object_path, program, all_programs):
         from tcpmon import _libbpf
         self.program = program
+        self.names = (program,) if isinstance(program, str) else tuple(program)
         self.obj = _libbpf.BpfObject(str(object_path))
         for name in all_programs:
-            self.obj.set_autoload(name, name == program)
+            self.obj.set_autoload(name, name in self.names)
         self.obj.load()
-        self.link = None
+        self.links = []
 
     def attach(self):
-        self.link = self.obj.attach(self.program)
+        self.links = [self.obj.attach(name) for name in self.names]
 
     def detach(self):
-        if self.link is not None:
-            self.link.destroy()
-            self.link = None
+        for link in self.links:
+            link.destroy()
+        self.links = []
 
     def close(self):
         self.detach()
@@ -661,12 +684,15 @@ def tcpmon_run_time_ns(pin_dir):
 # --- connect rate with the probe toggled under a running loop -------------------------------
 
 class ProbeToggle(_OneProgram):
-    """tcpmon's shipped BPF object loaded for `mode` (its connect program only: the exit hook does not
-    run in a connect loop), attached and detached at will without reloading."""
+    """tcpmon's shipped BPF object loaded for `mode`: its connect program, and the outcome program
+    where that is a separate one (fentry, kprobe; on tp_btf and tracepoint the connect program sees
+    the outcome too); not the exit hook, which does not run in a connect loop.  Attached and
+    detached at will without reloading."""
 
     def __init__(self, mode):
-        super().__init__(loader.default_object(), attach.BY_NAME[mode].connect.name,
-                         [program.name for program in attach.PROGRAMS])
+        chosen = attach.BY_NAME[mode]
+        names = tuple(p.name for p in (chosen.connect, chosen.outcome) if p is not None)
+        super().__init__(loader.default_object(), names, [program.name for program in attach.PROGRAMS])
 
 
 def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):
