@@ -4,18 +4,17 @@ The families that grow with the host are rendered by the Cython hot path
 straight from the map bytes: per PID, per comm, and the outcome families,
 whose entries are summed per label set (Python only works out each key's label
 text, once).  The small families go through prometheus-client, which also
-supplies the process metrics.
+supplies the process metrics (written by tcpmon.textformat in the text format).
 """
 import array
 import operator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.utils import floatToGoString
 
-from tcpmon import __version__, maps, negotiation
+from tcpmon import __version__, maps, negotiation, textformat
 from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
                             render_pid_series)
 from tcpmon.attribution import Attributor, Config
@@ -71,17 +70,21 @@ class Renderer:
     def render(self, snapshot, openmetrics=False, process_registry=None):
         """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
         own metrics (tcpmon.workers: every worker's, labelled).  Not thread-safe: one at a time."""
-        generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotFamilies(snapshot, self.attribution))
+        small = _SnapshotFamilies(snapshot, self.attribution)
+        process = process_registry or _PROCESS_REGISTRY
+        if openmetrics:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(small)
+            tail = [openmetrics_format.generate_latest(registry), openmetrics_format.generate_latest(process)]
+        else:
+            tail = [textformat.generate(small, process)]
         for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
         parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
                  self._outcome_families(snapshot, view, openmetrics),
-                 self._destination_family(snapshot, view, openmetrics),
-                 generate(registry), generate(process_registry or _PROCESS_REGISTRY)]
+                 self._destination_family(snapshot, view, openmetrics), *tail]
         body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
         return body + _EOF if openmetrics else body
 
