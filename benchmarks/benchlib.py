@@ -239,6 +239,56 @@ def fill_loaded_probe(lib, pin_dir, n_pids, pid_base=32769, n_comms=100):
     return expected
 
 
+def own_cgroup_id():
+    """The cgroup v2 id of this process (its cgroup directory's inode), or 1 without cgroup2."""
+    from tcpmon.attribution.mounts import find_cgroup2
+    root = find_cgroup2().path
+    if root is None:
+        return 1
+    with open("/proc/self/cgroup") as f:
+        path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    try:
+        return os.stat(os.path.join(root, path.lstrip("/"))).st_ino
+    except OSError:
+        return os.stat(root).st_ino
+
+
+def fill_outcomes(lib, pin_dir, n_comms=100, cgroup_id=None):
+    """One outcomes entry per synthetic comm (the comms fill_loaded_probe uses), in this process's
+    cgroup, with every result and a spread of latency slots: the outcome families a real node shows.
+    Returns the number of entries written."""
+    cgroup_id = own_cgroup_id() if cgroup_id is None else cgroup_id
+    key_layout, value_layout = maps.OUTCOMES.key, maps.OUTCOMES.value
+    keys = b"".join(key_layout.pack(cgroup_id=cgroup_id, comm=synthetic_comm(j)) for j in range(n_comms))
+    values = b"".join(value_layout.pack(
+        attempts=100 + j, results=tuple(range(1 + j % 7, 1 + j % 7 + len(maps.RESULTS))),
+        duration_ns=1000000 * (j + 1), latency=tuple((i + j) % 5 for i in range(maps.LATENCY_SLOTS)))
+        for j in range(n_comms))
+    fd = open_pinned_rw(Pins(pin_dir).map(maps.OUTCOMES))
+    try:
+        assert lib.update_batch(fd, keys, values, n_comms, key_layout.size, value_layout.size) == n_comms
+    finally:
+        os.close(fd)
+    return n_comms
+
+
+class ScrapedMapsFloor:
+    """The floor of a whole scrape: the C batch read of every map a scrape reads
+    (tcpmon.collector.SCRAPED), each into buffers allocated once."""
+
+    def __init__(self, lib, pin_dir):
+        from tcpmon.collector import SCRAPED
+        self.maps = [_maps.BpfMap(Pins(pin_dir).map(spec)) for spec in SCRAPED]
+        self.floors = [BatchFloor(lib, bpf_map) for bpf_map in self.maps]
+
+    def read(self):
+        return sum(floor.read() for floor in self.floors)
+
+    def close(self):
+        for bpf_map in self.maps:
+            bpf_map.close()
+
+
 def remove_pin_dir(pin_dir):
     """Unpin everything tcpmon pins there (links first), then anything else, then the dir."""
     try:

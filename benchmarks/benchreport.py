@@ -141,6 +141,13 @@ def scrape_rows(r):
 def serving_rows(r):
     """Scrapes under hostile connections (issue 9) and gzip."""
     rows = []
+    for key in sorted(k for k in r.data if k[0] == "scrape_warm"):
+        warm, n = r.get(key), key[1]
+        limit = {10000: 1.5, 100000: 1.3}.get(n)
+        ratio = warm["scrape"] / warm["floor"]
+        rows.append(Row(f"scrape {_label(n)} map + outcome families, warm median vs C batch floor of the same maps",
+                        _time(warm["scrape"]), _time(warm["floor"]), _ratio(ratio),
+                        f"≤ {limit}×" if limit else "info", _check(ratio, "<=", limit) if limit else None))
     for key in sorted(k for k in r.data if k[0] == "attack"):
         attack = r.get(key)
         for q in ("p50", "p99"):
@@ -289,7 +296,7 @@ def details(r):
             lines.append(f"| {' '.join(str(part) for part in key)} | {_time(value['min'])} | "
                          f"{_time(value['median'])} | {value['rounds']} |")
     for key, value in r.data.items():
-        if key[0] in ("probe", "rate", "churn", "read_calls", "scrape_bytes"):
+        if key[0] in ("probe", "rate", "churn", "read_calls", "scrape_bytes", "scrape_warm", "attack", "gzip"):
             lines.append(f"| {' '.join(str(part) for part in key)} | {value} | | |")
     return "\n".join(lines)
 
