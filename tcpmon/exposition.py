@@ -66,6 +66,7 @@ class Renderer:
         self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
         self._texts = {}        # label names and values -> label text
         self._shown = {}        # attribution label values -> the same in comm_label's notation
+        self._grouping = {}     # (map name, families) -> (what the grouping depends on, the grouping)
 
     def render(self, snapshot, openmetrics=False, process_registry=None):
         """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
@@ -116,7 +117,23 @@ class Renderer:
     def _groups(self, spec, read, view, families, trailing_names=(), trailing=lambda key: ()):
         """(the group of each entry, the label text of each group): entries with the same labels
         are one group; label sets beyond the attribution's cap are folded into one ~other group;
-        entries of cgroups that are gone are in none (-1)."""
+        entries of cgroups that are gone are in none (-1).
+
+        The grouping depends only on the keys and their cgroups' labels, which change when a new
+        (cgroup, comm) connects or a cgroup goes, not with the counts: while both stay as they
+        were, the last scrape's grouping is reused.  That is exact, the cap included: capping the
+        same rows again folds the same label sets, which adds nothing to the folded counters."""
+        keys = bytes(memoryview(read.keys)[:read.count * spec.key_size])
+        ids = sorted(set(memoryview(keys).cast("Q")[::spec.key_size // 8])) if keys else []
+        memo_key = (keys, view.label_names, tuple(view.labels(cgroup_id) for cgroup_id in ids))
+        memo = self._grouping.get((spec.name, families))
+        if memo is not None and memo[0] == memo_key:
+            return memo[1]
+        result = self._group(spec, read, view, families, trailing_names, trailing)
+        self._grouping[(spec.name, families)] = (memo_key, result)
+        return result
+
+    def _group(self, spec, read, view, families, trailing_names, trailing):
         size, keys = spec.key_size, read.keys
         groups_of, ages = {}, []
         raw_groups = array.array("i", [-1]) * read.count
