@@ -407,25 +407,18 @@ ANALYSIS = {
     "probe": """### Probe cost vs bpftrace
 
 - What the number is made of: with kernel.bpf_stats_enabled=1 every program run is timed by two
-  sched_clock() reads, which in this KVM guest go through the paravirtual clock
-  (`pvclock_clocksource_read_nowd` is the top BPF-related symbol in `perf record -a` of the connect loop).
-  The empty program attached beside them costs the "empty-program floor" row: about 50 ns per run, and a
-  refused connect is two runs of the inet_sock_set_state hook, so about 100 ns of each ns-per-connect figure
-  is the stats clock, for tcpmon and bpftrace alike. That common term pulls the raw ratio toward 1:
-  above the floor tcpmon does about a third of bpftrace's work (the "above the empty-program floor" rows,
-  0.33-0.37), which shows as about 0.50 in the raw figures.
+  sched_clock() reads, which in this KVM guest go through the paravirtual clock. The empty programs
+  attached beside them measure that per hook (the floors in the row); a mixed connect is about four runs
+  of inet_sock_set_state on average (a refused one two, an accepted one CLOSE→SYN_SENT, SYN_SENT→
+  ESTABLISHED, the server side's SYN_RECV and ESTABLISHED, and both closes), which every program pays
+  whether it filters them out or not. The target compares the work above those floors.
+- Where tcpmon's time goes: per connect, 4 hash-map operations at connect (connects, comm_totals,
+  outcomes lookups and the sockets insert) and 3 at the outcome (sockets lookup and delete, outcomes
+  lookup), the atomic adds, and the task's comm and tgid read as BTF loads. bpftrace does about the same
+  map operations (its per-CPU count maps and a tuple-valued socket map) plus its own map-key building
+  and string copies of comm for every map it touches.
 - Windows alternate which program was attached last: the first program on the hook pays the cold cache
-  misses (window 0, tcpmon first, is consistently the slowest tcpmon window; see the details).
-- Where tcpmon's own time goes (perf, cpu-clock sampling): the two hash lookups (`__htab_map_lookup_elem`,
-  `htab_map_hash`), and the helper calls `bpf_get_current_comm` (with `sized_strscpy`) and
-  `bpf_get_current_pid_tgid`.
-- **Applied** (bpf/tcpconnect.bpf.c `current_task`): tgid and comm come from `bpf_get_current_task_btf()`
-  as plain BTF loads (`task->tgid`, the two u64 words of `task->comm` with the bytes after the first NUL
-  cleared, so the key equals what bpf_get_current_comm gives) instead of the two helper calls, behind
-  `bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_get_current_task_btf)` (kernels >= 5.11; the
-  helpers otherwise). Measured as a prototype against the previous object in the same runs: about -10%
-  per connect (tp_btf 228 -> 202 ns, tracepoint 226 -> 203 ns), which moved the raw ratio from about
-  0.50-0.52 to the figures in the table.""",
+  misses (see the per-window figures in the details).""",
     "connects/s": """### connects/s with vs without the probe
 
 - A refused loopback connect is two runs of the inet_sock_set_state hook (CLOSE→SYN_SENT, counted;
@@ -441,24 +434,37 @@ ANALYSIS = {
 - The probe-cost change above (tgid and comm from the BTF task: about -20 to -25 ns per connect, about
   +0.2% here) is applied; what remains is the two hash-map lookups and their cache lines, which cannot
   be halved without changing the map ABI. The hook's own cost is the kernel's.""",
-    "scrape 10k": """### Scrape vs the batch read floor at 10k
+    "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
-Per scrape, beyond reading `connects` (the floor), the worker spends (in-process, min of 60, 10k
-entries): prometheus-client `generate_latest()` of the small families 0.17 ms and of the
-process/platform/GC registry 0.24 ms, rendering the per-PID family 0.26 ms, reading comm_totals,
-update_failures and the probe pins 0.15 ms; gunicorn's request handling and the 0.5 MB response
-about 0.4-1 ms.
-**Proposed fix** (tcpmon/exposition.py, `render`): write the small families and the process metrics
-as text directly (a dozen f-strings over the Snapshot and `ProcessCollector().collect()`'s samples)
-instead of two `generate_latest()` calls with a fresh CollectorRegistry per scrape: measured 0.41 ms
--> about 0.06 ms per scrape (about -7% of the 10k scrape).""",
-    "scrape 100k": """### 100k ÷ 10k
+Where a 10k scrape's time goes beyond the floor (in-process medians on this machine; `perf record` of
+the gunicorn worker during kept-alive scrapes: about 40% of its CPU is the kernel's batch lookup and the
+copy to user space, the floor itself; about 30% is the Python interpreter):
+- the outcome families for 100 (cgroup, comm) entries, about 0.7-1 ms: grouping the entries by their
+  label set in Python (`Renderer._groups`, about 4 µs an entry, plus the attribution cap's sort), and
+  34 lines per entry (6 results, 28 histogram lines: ~200 KB of text, as much as 4k PID series);
+- the per-PID family (Cython), about 0.45 ms;
+- the small families and process metrics, about 0.3-0.6 ms (prometheus-client's collectors; their text
+  is now written by `tcpmon.textformat`, byte for byte generate_latest's, without its per-sample name
+  escaping), and the pin inspection for `tcpmon_probe_attached`, about 0.1 ms;
+- the HTTP round trip of a 0.5 MB body (about 1.5 ms for a tiny one when the load average is 9).
+**Applied**: one hand-over to a native thread per scrape instead of two (`Collector.snapshot_then`:
+read and render in the same offloaded call), the text writer above, and one copy instead of two at the
+end of each Cython-rendered family (`_Text.take`), one room check per sample line (`_sample`).
+**Proposed next**: cache `_groups`' result per outcomes key set and attribution view while nothing is
+folded (the keys change only when a new (cgroup, comm) connects), and render the histogram's bucket lines
+from a per-group prefix built once. On this shared 2-CPU machine with qemu guests running beside it the
+floor itself swings 3-5× between runs, so this ratio is only comparable within a run.""",
+    "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)
+
+At 100k the floor (the kernel walking a 131072-bucket hash and copying 2.8 MB) dominates; the scrape
+adds the per-PID rendering (about 4-5 ms, Cython, GIL released), the bytes copies of the buffers
+(about 0.5 ms) and the same fixed costs as at 10k (see above).""",
+    "scrape 100k map ÷": """### 100k ÷ 10k
 
 Reading the map is most of a large scrape, and the kernel's batch lookup does not scale linearly here:
 its cost per entry grows from about 200 ns at 10k to 270-300 ns at 30k and above, whatever max_entries
 (the hash elements, buckets and user buffers outgrow the caches: see the "C batch floor 100k ÷ 10k" row,
 about 13-15×, measured in this run). A scrape is floor + per-entry rendering + fixed costs, so the ratio
 only stays under 10 while the fixed costs at 10k absorb the floor's superlinearity; on a loaded machine
-it does not. Proposed: as for 10k, plus caching the rendered label per distinct comm in
-`ext/_render.pyx` `render_pid_series` (comms repeat; render is 3 ms of a 100k scrape).""",
+it does not.""",
 }
