@@ -421,19 +421,21 @@ ANALYSIS = {
   misses (see the per-window figures in the details).""",
     "connects/s": """### connects/s with vs without the probe
 
-- A refused loopback connect is two runs of the inet_sock_set_state hook (CLOSE→SYN_SENT, counted;
-  SYN_SENT→CLOSE, filtered out) and about 14 µs of CPU in this VM. The "empty program on the same hook"
+- A refused loopback connect is two runs of the inet_sock_set_state hook (CLOSE→SYN_SENT, the attempt;
+  SYN_SENT→CLOSE, the outcome) and about 14 µs of CPU in this VM. The "empty program on the same hook"
   rows, measured the same way in the same run, are what merely having a BPF program there costs: about
   1% for tp_btf (the raw-tracepoint dispatch) and about 2% for the classic tracepoint, which also fills a
   perf trace record for every run before calling the program. **In tracepoint mode the 0.98 target is
   therefore out of reach for any program on this hook on this machine**: the empty program alone is at
   the limit. `--attach auto` already prefers tp_btf.
-- tcpmon's own body adds about 1-1.5% on top (about 150-200 ns per connect including the cache lines it
-  evicts from the loop: two hash-map lookups, two atomic adds, the comm and pid helpers).
+- tcpmon's own body adds the rest: on a refused attempt the connect run counts the PID, the comm and the
+  (cgroup, comm) attempt and inserts the socket's start entry (4 hash-map operations), and the outcome run
+  looks the entry up, deletes it and counts the result (3 more), plus the cache lines these evict from the
+  loop. That is the outcome and latency work issue 11 asks for, on the same hook; the map layout (the
+  ABI in bpf/tcpmon.h) fixes how many maps each run touches.
 - The method is checked in the same run by an empty program on a hook the loop never fires (must be 1.00).
-- The probe-cost change above (tgid and comm from the BTF task: about -20 to -25 ns per connect, about
-  +0.2% here) is applied; what remains is the two hash-map lookups and their cache lines, which cannot
-  be halved without changing the map ABI. The hook's own cost is the kernel's.""",
+- A refused loopback connect is the cheapest connect there is (about 14 µs of CPU here when the machine is
+  quiet); any real connect, with a peer and a handshake, makes the same probe cost a smaller fraction.""",
     "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
 Where a 10k scrape's time goes beyond the floor (in-process medians on this machine; `perf record` of
