@@ -71,21 +71,22 @@ class Renderer:
     def render(self, snapshot, openmetrics=False, process_registry=None):
         """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
         own metrics (tcpmon.workers: every worker's, labelled).  Not thread-safe: one at a time."""
-        small = _SnapshotFamilies(snapshot, self.attribution)
-        process = process_registry or _PROCESS_REGISTRY
-        if openmetrics:
-            registry = CollectorRegistry(auto_describe=False)
-            registry.register(small)
-            tail = [openmetrics_format.generate_latest(registry), openmetrics_format.generate_latest(process)]
-        else:
-            tail = [textformat.generate(small, process)]
         for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
         parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
                  self._outcome_families(snapshot, view, openmetrics),
-                 self._destination_family(snapshot, view, openmetrics), *tail]
+                 self._destination_family(snapshot, view, openmetrics)]
+        # After the capped families: the small ones report what their caps folded.
+        small = _SnapshotFamilies(snapshot, self.attribution)
+        process = process_registry or _PROCESS_REGISTRY
+        if openmetrics:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(small)
+            parts += [openmetrics_format.generate_latest(registry), openmetrics_format.generate_latest(process)]
+        else:
+            parts.append(textformat.generate(small, process))
         body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
         return body + _EOF if openmetrics else body
 
