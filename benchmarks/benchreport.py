@@ -438,24 +438,30 @@ ANALYSIS = {
   quiet); any real connect, with a peer and a handshake, makes the same probe cost a smaller fraction.""",
     "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
-Where a 10k scrape's time goes beyond the floor (in-process medians on this machine; `perf record` of
-the gunicorn worker during kept-alive scrapes: about 40% of its CPU is the kernel's batch lookup and the
-copy to user space, the floor itself; about 30% is the Python interpreter):
-- the outcome families for 100 (cgroup, comm) entries, about 0.7-1 ms: grouping the entries by their
-  label set in Python (`Renderer._groups`, about 4 µs an entry, plus the attribution cap's sort), and
-  34 lines per entry (6 results, 28 histogram lines: ~200 KB of text, as much as 4k PID series);
-- the per-PID family (Cython), about 0.45 ms;
-- the small families and process metrics, about 0.3-0.6 ms (prometheus-client's collectors; their text
-  is now written by `tcpmon.textformat`, byte for byte generate_latest's, without its per-sample name
-  escaping), and the pin inspection for `tcpmon_probe_attached`, about 0.1 ms;
-- the HTTP round trip of a 0.5 MB body (about 1.5 ms for a tiny one when the load average is 9).
-**Applied**: one hand-over to a native thread per scrape instead of two (`Collector.snapshot_then`:
-read and render in the same offloaded call), the text writer above, and one copy instead of two at the
-end of each Cython-rendered family (`_Text.take`), one room check per sample line (`_sample`).
-**Proposed next**: cache `_groups`' result per outcomes key set and attribution view while nothing is
-folded (the keys change only when a new (cgroup, comm) connects), and render the histogram's bucket lines
-from a per-group prefix built once. On this shared 2-CPU machine with qemu guests running beside it the
-floor itself swings 3-5× between runs, so this ratio is only comparable within a run.""",
+Where a 10k scrape's time goes beyond the floor, measured in-process right beside a real kept-alive
+scrape (medians of 100, the same 10k map with 100 outcome entries, this machine at a load average of
+several hundred from other agents' jobs): floor of every scraped map 5.7 ms; the collector's read
+(`Collector.snapshot`, the same batch reads plus the copies into `bytes` and the pin inspection) 6.2 ms;
+the render 2.0-2.6 ms, of which the per-PID family 0.72 ms (Cython), the outcome families 0.28 ms,
+the small families 0.41 ms and the process metrics 0.34-0.41 ms (prometheus-client's collectors and
+the text); the whole HTTP scrape 12.2 ms, so about 3.4 ms is the server and the transfer of the
+0.86 MB body (a request for the tiny index page alone takes 1.2 ms at that load). The outcome families
+of 100 (cgroup, comm) entries are about 350 KB of that body: 34 lines each (6 results, 28 histogram
+lines), as much text as about 6,000 PID series. `perf record` of the worker: about 40% of its CPU is
+the kernel's batch lookup and copy to user space (the floor's own work), about 30% the interpreter.
+
+**Applied** (measured in-process on the same data): the outcome grouping (labels and cap) reused while
+the keys and their cgroups' labels stay the same (`Renderer._groups`), and one room check and one copy
+per sample line in Cython (`_sample`, `_Text.take`): the outcome families 1.0-1.3 ms -> 0.28-0.33 ms;
+the small families and process metrics written by `tcpmon.textformat` (byte for byte generate_latest's
+output, without its per-sample name escaping and with header and label text remembered); one hand-over
+to a native thread per scrape instead of two (`Collector.snapshot_then`).
+
+**Proposed next**: the small families as text written straight from the Snapshot (no prometheus-client
+Metric objects, about 0.3 ms), the process metrics read from /proc/self/stat directly (about 0.2 ms);
+the server side of a 0.86 MB response (gunicorn's gevent worker writes it with one sendall; a larger
+SO_SNDBUF on the metrics socket would let it go out without waiting for the reader). On this shared
+2-CPU machine the floor itself swings 3-5× between runs, so this ratio is only comparable within a run.""",
     "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)
 
 At 100k the floor (the kernel walking a 131072-bucket hash and copying 2.8 MB) dominates; the scrape
