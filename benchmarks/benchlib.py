@@ -239,6 +239,56 @@ def fill_loaded_probe(lib, pin_dir, n_pids, pid_base=32769, n_comms=100):
     return expected
 
 
+def own_cgroup_id():
+    """The cgroup v2 id of this process (its cgroup directory's inode), or 1 without cgroup2."""
+    from tcpmon.attribution.mounts import find_cgroup2
+    root = find_cgroup2().path
+    if root is None:
+        return 1
+    with open("/proc/self/cgroup") as f:
+        path = next((line.split(":", 2)[2].strip() for line in f if line.startswith("0::")), "/")
+    try:
+        return os.stat(os.path.join(root, path.lstrip("/"))).st_ino
+    except OSError:
+        return os.stat(root).st_ino
+
+
+def fill_outcomes(lib, pin_dir, n_comms=100, cgroup_id=None):
+    """One outcomes entry per synthetic comm (the comms fill_loaded_probe uses), in this process's
+    cgroup, with every result and a spread of latency slots: the outcome families a real node shows.
+    Returns the number of entries written."""
+    cgroup_id = own_cgroup_id() if cgroup_id is None else cgroup_id
+    key_layout, value_layout = maps.OUTCOMES.key, maps.OUTCOMES.value
+    keys = b"".join(key_layout.pack(cgroup_id=cgroup_id, comm=synthetic_comm(j)) for j in range(n_comms))
+    values = b"".join(value_layout.pack(
+        attempts=100 + j, results=tuple(range(1 + j % 7, 1 + j % 7 + len(maps.RESULTS))),
+        duration_ns=1000000 * (j + 1), latency=tuple((i + j) % 5 for i in range(maps.LATENCY_SLOTS)))
+        for j in range(n_comms))
+    fd = open_pinned_rw(Pins(pin_dir).map(maps.OUTCOMES))
+    try:
+        assert lib.update_batch(fd, keys, values, n_comms, key_layout.size, value_layout.size) == n_comms
+    finally:
+        os.close(fd)
+    return n_comms
+
+
+class ScrapedMapsFloor:
+    """The floor of a whole scrape: the C batch read of every map a scrape reads
+    (tcpmon.collector.SCRAPED), each into buffers allocated once."""
+
+    def __init__(self, lib, pin_dir):
+        from tcpmon.collector import SCRAPED
+        self.maps = [_maps.BpfMap(Pins(pin_dir).map(spec)) for spec in SCRAPED]
+        self.floors = [BatchFloor(lib, bpf_map) for bpf_map in self.maps]
+
+    def read(self):
+        return sum(floor.read() for floor in self.floors)
+
+    def close(self):
+        for bpf_map in self.maps:
+            bpf_map.close()
+
+
 def remove_pin_dir(pin_dir):
     """Unpin everything tcpmon pins there (links first), then anything else, then the dir."""
     try:
@@ -531,29 +581,51 @@ def prog_ids_of(pid):
     return ids
 
 
-# The same counting as tcpmon on the same hook: per PID and per comm, PIDs dropped at exit.
+# The same aggregation as tcpmon, written the way a bpftrace user would: at connect, the per-PID
+# and per-comm counts, attempts per (cgroup, comm) and the socket's start (time, cgroup, comm) in a
+# map keyed by the socket; when the socket leaves SYN_SENT, the entry is taken and deleted, the
+# result counted per (cgroup, comm, result) from the socket's error, and a success adds its
+# duration to a sum and a log2 histogram (µs).  PIDs are dropped at exit.  Result numbers are
+# tcpmon's slots (0 success, 1 refused, 2 timeout, 3 unreachable, 4 aborted, 5 other).
 # bpftrace 0.17 has no tp_btf probes: for tp_btf it runs on the same kernel tracepoint through
 # the classic (perf) tracepoint attach.
-BPFTRACE_SCRIPTS = {
-    "tracepoint": """
-tracepoint:sock:inet_sock_set_state
-/args->oldstate == 7 && args->newstate == 2 && args->protocol == 6/
-{ @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-    "kprobe": """
-kprobe:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-    "fentry": """
-kfunc:tcp_connect { @connects[pid] = count(); @comm_totals[comm] = count(); }
-tracepoint:sched:sched_process_exit { delete(@connects[pid]); }
-""",
-}
-BPFTRACE_SCRIPTS["tp_btf"] = BPFTRACE_SCRIPTS["tracepoint"]
+_BT_CONNECT = """@connects[pid] = count(); @comm_totals[comm] = count(); @attempts[cgroup, comm] = count();
+    @sockets[%(sk)s] = (nsecs, cgroup, comm);"""
+_BT_OUTCOME = """$s = @sockets[args->skaddr];
+    if ($s.0 != 0) {
+      delete(@sockets[args->skaddr]);
+      if (args->newstate != 7) {
+        @results[$s.1, $s.2, 0] = count();
+        @duration_ns[$s.1, $s.2] = sum(nsecs - $s.0);
+        @latency_us[$s.1, $s.2] = hist((nsecs - $s.0) / 1000);
+      } else {
+        $err = ((struct sock *)args->skaddr)->sk_err;
+        $r = $err == 0 ? 4 : ($err == 111 ? 1 : ($err == 110 ? 2 : (($err == 113 || $err == 101) ? 3 : 5)));
+        @results[$s.1, $s.2, $r] = count();
+      }
+    }"""
+_BT_EXIT = "tracepoint:sched:sched_process_exit { delete(@connects[pid]); }\n"
+_BT_STATE = "tracepoint:sock:inet_sock_set_state\n/args->protocol == 6%s/\n"
+_BT_TRACEPOINT = (_BT_STATE % "" + "{\n  if (args->oldstate == 7 && args->newstate == 2) {\n    "
+                  + _BT_CONNECT % {"sk": "args->skaddr"}
+                  + "\n  } else if (args->oldstate == 2 && args->newstate != 2) {\n    " + _BT_OUTCOME
+                  + "\n  }\n}\n" + _BT_EXIT)
+
+
+def _bt_function(probe):
+    """kprobe/kfunc on tcp_connect for the connect part, the tracepoint for the outcome."""
+    sk = "arg0" if probe.startswith("kprobe") else "args->sk"
+    return (f"{probe}\n{{ " + _BT_CONNECT % {"sk": f"(uint64){sk}"} + " }\n"
+            + _BT_STATE % " && args->oldstate == 2 && args->newstate != 2" + "{\n    " + _BT_OUTCOME.replace(
+                "@sockets[args->skaddr]", "@sockets[(uint64)args->skaddr]") + "\n}\n" + _BT_EXIT)
+
+
+BPFTRACE_SCRIPTS = {"tracepoint": _BT_TRACEPOINT, "tp_btf": _BT_TRACEPOINT,
+                    "kprobe": _bt_function("kprobe:tcp_connect"), "fentry": _bt_function("kfunc:tcp_connect")}
+BPFTRACE_PROGRAMS = {"tracepoint": 2, "tp_btf": 2, "kprobe": 3, "fentry": 3}
 BPFTRACE_HOOK = {"tracepoint": "tracepoint sock:inet_sock_set_state",
                  "tp_btf": "tracepoint sock:inet_sock_set_state (bpftrace 0.17 has no tp_btf)",
-                 "kprobe": "kprobe tcp_connect", "fentry": "kfunc tcp_connect"}
+                 "kprobe": "kprobe tcp_connect + tracepoint", "fentry": "kfunc tcp_connect + tracepoint"}
 
 
 class Bpftrace:
@@ -605,25 +677,26 @@ class Bpftrace:
 
 
 class _OneProgram:
-    """One program of a BPF object loaded alone (the others' autoload off), attached and detached
-    at will without reloading."""
+    """Programs of a BPF object loaded alone (the others' autoload off), attached and detached
+    together at will without reloading.  `program` is one name or a tuple of them."""
 
     def __init__(self, object_path, program, all_programs):
         from tcpmon import _libbpf
         self.program = program
+        self.names = (program,) if isinstance(program, str) else tuple(program)
         self.obj = _libbpf.BpfObject(str(object_path))
         for name in all_programs:
-            self.obj.set_autoload(name, name == program)
+            self.obj.set_autoload(name, name in self.names)
         self.obj.load()
-        self.link = None
+        self.links = []
 
     def attach(self):
-        self.link = self.obj.attach(self.program)
+        self.links = [self.obj.attach(name) for name in self.names]
 
     def detach(self):
-        if self.link is not None:
-            self.link.destroy()
-            self.link = None
+        for link in self.links:
+            link.destroy()
+        self.links = []
 
     def close(self):
         self.detach()
@@ -661,12 +734,15 @@ def tcpmon_run_time_ns(pin_dir):
 # --- connect rate with the probe toggled under a running loop -------------------------------
 
 class ProbeToggle(_OneProgram):
-    """tcpmon's shipped BPF object loaded for `mode` (its connect program only: the exit hook does not
-    run in a connect loop), attached and detached at will without reloading."""
+    """tcpmon's shipped BPF object loaded for `mode`: its connect program, and the outcome program
+    where that is a separate one (fentry, kprobe; on tp_btf and tracepoint the connect program sees
+    the outcome too); not the exit hook, which does not run in a connect loop.  Attached and
+    detached at will without reloading."""
 
     def __init__(self, mode):
-        super().__init__(loader.default_object(), attach.BY_NAME[mode].connect.name,
-                         [program.name for program in attach.PROGRAMS])
+        chosen = attach.BY_NAME[mode]
+        names = tuple(p.name for p in (chosen.connect, chosen.outcome) if p is not None)
+        super().__init__(loader.default_object(), names, [program.name for program in attach.PROGRAMS])
 
 
 def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):

@@ -18,11 +18,13 @@
  *       and waits.  Prints {"forked", "errors", "distinct_pids", "reused": [...]}
  *       and keeps the reused children alive until stdin reaches a newline or EOF.
  *
- *   procfarm loop COUNT SECONDS refused|accept [COMM]
+ *   procfarm loop COUNT SECONDS refused|accept|mixed [COMM]
  *       a tight connect loop in this process (named COMM if given): up to COUNT attempts or SECONDS,
  *       whichever ends first.  refused: to a port nobody listens on (SYN, RST);
  *       accept: full handshakes with a listener it accepts from, closed with RST
- *       (no TIME_WAIT).  Prints {"connects": N, "seconds": S, "cpu_seconds": C, "errors": E}: C is
+ *       (no TIME_WAIT); mixed: accept and refused in turn (even attempts accepted).
+ *       The ports are fixed, LISTEN_PORT and CLOSED_PORT, below the ephemeral range, so that
+ *       tcpmon --destinations counts them (it skips ephemeral remote ports).  Prints {"connects": N, "seconds": S, "cpu_seconds": C, "errors": E}: C is
  *       this process's user + system time (the scheduler's exact run time, softirq work done on its
  *       behalf included), which a busy machine's other tasks do not inflate.
  *
@@ -88,6 +90,22 @@ static int closed_port(int *holder)
 		die("bind closed port");
 	*holder = fd;
 	return ntohs(addr.sin_port);
+}
+
+/* Fixed ports of `loop` (the namespace is its own: nothing else holds them). */
+#define LISTEN_PORT 5001
+#define CLOSED_PORT 5002
+
+/* A socket bound to 127.0.0.1:port, listening if `backlog` > 0. */
+static int bound_socket(int port, int backlog)
+{
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(port),
+				    .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+
+	if (fd < 0 || bind(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0 || (backlog && listen(fd, backlog) < 0))
+		die("bind fixed port");
+	return fd;
 }
 
 /* One connect attempt that the peer refuses: 0 when it went as expected. */
@@ -298,27 +316,41 @@ static double cpu_seconds(void)
 	return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
 }
 
+/* One full handshake with `listener` (on `addr`), both ends closed with RST: 0, or -1. */
+static int connect_accepted(int listener, const struct sockaddr_in *addr)
+{
+	struct linger rst = { .l_onoff = 1, .l_linger = 0 };
+	int fd = socket(AF_INET, SOCK_STREAM, 0), peer;
+
+	if (fd < 0 || connect(fd, (const struct sockaddr *)addr, sizeof(*addr)) < 0)
+		die("connect");
+	peer = accept(listener, NULL, NULL);
+	if (peer < 0)
+		die("accept");
+	setsockopt(fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
+	close(fd);
+	close(peer);
+	return 0;
+}
+
 static int cmd_loop(long count, double seconds, const char *mode, const char *comm)
 {
-	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	socklen_t len = sizeof(addr);
-	struct linger rst = { .l_onoff = 1, .l_linger = 0 };
-	int accept_mode = strcmp(mode, "accept") == 0, holder, listener = -1, port;
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(LISTEN_PORT),
+				    .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	int accept_every = strcmp(mode, "accept") == 0 ? 1 : strcmp(mode, "mixed") == 0 ? 2 : 0;
+	int listener = -1;
 	long done = 0, errors = 0;
 	double start, end, cpu_start;
 
+	if (!accept_every && strcmp(mode, "refused") != 0) {
+		fprintf(stderr, "procfarm: loop mode %s: use refused, accept or mixed\n", mode);
+		return 2;
+	}
 	if (comm)
 		set_comm(comm);
-	if (accept_mode) {
-		listener = socket(AF_INET, SOCK_STREAM, 0);
-		if (listener < 0 || bind(listener, (struct sockaddr *)&addr, sizeof(addr)) < 0 ||
-		    listen(listener, 128) < 0 || getsockname(listener, (struct sockaddr *)&addr, &len) < 0)
-			die("listener");
-		port = ntohs(addr.sin_port);
-	} else {
-		port = closed_port(&holder);
-	}
-	addr.sin_port = htons(port);
+	if (accept_every)
+		listener = bound_socket(LISTEN_PORT, 128);
+	bound_socket(CLOSED_PORT, 0);
 	cpu_start = cpu_seconds();
 	start = now();
 	end = start + seconds;
@@ -326,20 +358,10 @@ static int cmd_loop(long count, double seconds, const char *mode, const char *co
 		/* the clock is read every 64 attempts: cheap enough to vanish in the loop */
 		if ((done & 63) == 0 && now() >= end)
 			break;
-		if (accept_mode) {
-			int fd = socket(AF_INET, SOCK_STREAM, 0), peer;
-
-			if (fd < 0 || connect(fd, (struct sockaddr *)&addr, sizeof(addr)) < 0)
-				die("connect");
-			peer = accept(listener, NULL, NULL);
-			if (peer < 0)
-				die("accept");
-			setsockopt(fd, SOL_SOCKET, SO_LINGER, &rst, sizeof(rst));
-			close(fd);
-			close(peer);
-		} else if (connect_refused(port) < 0) {
-			errors++;
-		}
+		if (accept_every && done % accept_every == 0)
+			errors += connect_accepted(listener, &addr) < 0;
+		else
+			errors += connect_refused(CLOSED_PORT) < 0;
 		done++;
 	}
 	end = now();
@@ -406,6 +428,6 @@ int main(int argc, char **argv)
 		return cmd_loop(atol(argv[2]), atof(argv[3]), argv[4], argc == 6 ? argv[5] : NULL);
 usage:
 	fprintf(stderr, "usage: procfarm hold N PREFIX NCOMMS | churn TOTAL BATCH COMM REUSE REUSECOMM |"
-		" loop COUNT SECONDS refused|accept [COMM] | stream SECONDS EVERY\n");
+		" loop COUNT SECONDS refused|accept|mixed [COMM] | stream SECONDS EVERY\n");
 	return 2;
 }

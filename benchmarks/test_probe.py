@@ -24,82 +24,160 @@ def comm_total(pin_dir, comm):
     return int.from_bytes(value, "little") if value else 0
 
 
-def try_load(pin_dir, mode):
+def counted(pin_dir, comm):
+    """What tcpmon under `pin_dir` counted for `comm`: (attempts, {result: n}, destinations)."""
+    key = maps.comm_key(comm.encode())
+    pins = Pins(pin_dir)
+    with maps.open_map(pins, maps.OUTCOMES) as bpf_map:
+        bpf_map.read()
+        rows = [value for k, value in maps.OUTCOMES.entries(bpf_map) if k["comm"] == key]
+    results = {name: sum(row["results"][i] for row in rows) for i, name in enumerate(maps.RESULTS)}
+    with maps.open_map(pins, maps.DESTINATIONS) as bpf_map:
+        bpf_map.read()
+        destinations = sum(value["count"] for k, value in maps.DESTINATIONS.entries(bpf_map) if k["comm"] == key)
+    return comm_total(pin_dir, comm), {k: v for k, v in results.items() if v}, destinations
+
+
+def try_load(pin_dir, mode, destinations=False):
     benchlib.remove_pin_dir(pin_dir)
     try:
-        return loader.load(pin_dir, attach=mode)
+        return loader.load(pin_dir, attach=mode, destinations=destinations)
     except LoadError as exc:
         return str(exc)
 
 
+# The mixed workload: even attempts complete a handshake (success), odd ones are refused.
+WORKLOAD = "mixed"
+
+
+def expected_counts(n):
+    return n, {"success": (n + 1) // 2, "refused": n // 2}
+
+
+class Participants:
+    """What runs on the hooks in one window: tcpmon (destinations off), tcpmon --destinations,
+    bpftrace, and the empty programs on tcpmon's hook and on bpftrace's (the floors)."""
+
+    def __init__(self, mode, helpers, comm):
+        self.mode, self.comm = mode, comm
+        tag = f"{benchlib.PIN_PREFIX}probe-{mode}"
+        self.dirs = {"tcpmon": f"{tag}", "destinations": f"{tag}-dest"}
+        self.noop_dir = f"{benchlib.PIN_PREFIX}noop-{mode}"
+        self.noops = {}
+        self.tracer, self.traced = None, 0
+        self.helpers = helpers
+
+    def load(self, order=("tcpmon", "destinations")):
+        for name in order:
+            benchlib.remove_pin_dir(self.dirs[name])
+            loader.load(self.dirs[name], attach=self.mode, destinations=name == "destinations")
+
+    def attach_noops(self):
+        """Floors: an empty program on tcpmon's hook and one on the classic tracepoint bpftrace
+        runs on (one and the same in tracepoint mode); none for the function hooks."""
+        os.makedirs(self.noop_dir, exist_ok=True)
+        programs = {}
+        for hook in {self.mode, "tracepoint"} & set(NoopPrograms.PROGRAMS):
+            programs[hook] = NoopPrograms(self.helpers["noop"], hook, f"{self.noop_dir}/noop-{hook}")
+        self.noops = {name: programs[hook] for name, hook in (("tcpmon", self.mode), ("bpftrace", "tracepoint"))
+                      if hook in programs}
+
+    def start_tracer(self):
+        self.tracer = Bpftrace(BPFTRACE_SCRIPTS[self.mode], programs=benchlib.BPFTRACE_PROGRAMS[self.mode])
+        self.traced = 0
+
+    def check_tracer(self):
+        """Stop bpftrace; it must have counted every connect of its windows, and their results."""
+        found = self.tracer.stop()
+        attempts, results = expected_counts(self.traced)
+        assert found.get("comm_totals", {}).get(self.comm) == attempts, \
+            f"bpftrace counted {found.get('comm_totals', {}).get(self.comm)} of {attempts} connects: " \
+            f"...{self.tracer.output[-1000:]}"
+        got = {}
+        for key, value in found.get("results", {}).items():
+            _, comm, result = (part.strip() for part in key.rsplit(",", 2))
+            if comm == self.comm:
+                got[maps.RESULTS[int(result)]] = got.get(maps.RESULTS[int(result)], 0) + value
+        assert got == {k: v for k, v in results.items() if v}, (got, results)
+
+    def run_times(self):
+        times = {name: benchlib.tcpmon_run_time_ns(path) for name, path in self.dirs.items()}
+        times["bpftrace"] = self.tracer.run_time_ns()
+        for name, noop in self.noops.items():
+            times["noop_" + name] = noop.run_time_ns()
+        return times
+
+    def close(self):
+        if self.tracer is not None and self.tracer.proc.poll() is None:
+            self.check_tracer()
+        for noop in {id(noop): noop for noop in self.noops.values()}.values():
+            noop.close()
+        for path in self.dirs.values():
+            benchlib.remove_pin_dir(path)
+        benchlib.remove_pin_dir(self.noop_dir)
+
+
 @pytest.mark.parametrize("mode", attach.MODE_NAMES)
 def test_probe_cost(mode, helpers, benchmark, results, full):
-    """Windows of N refused connects with tcpmon, bpftrace and an empty program attached together.
-    Programs on one tracepoint run in attach order, and the first to run pays the cold cache misses
-    of the hook: so the windows alternate which of tcpmon and bpftrace was attached last (the other
-    one is reloaded before the window).  Each window also checks that both counted every connect."""
+    """Windows of N mixed connects (successes and refused, in turn) with tcpmon, tcpmon
+    --destinations, bpftrace doing the same aggregation and the empty programs attached together.
+    Programs on one hook run in attach order, and the first to run pays the cold cache misses of
+    the hook: so the windows alternate which of tcpmon and bpftrace was attached last (the other
+    one is reloaded before the window), and which of the two tcpmons.  Each window checks that
+    every participant counted every connect, each outcome, and (with --destinations) each
+    destination."""
     pin_dir = f"{benchlib.PIN_PREFIX}probe-{mode}"
-    noop_dir = f"{benchlib.PIN_PREFIX}noop-{mode}"
     loaded = try_load(pin_dir, mode)
+    benchlib.remove_pin_dir(pin_dir)
+    if isinstance(loaded, str):
+        results.put(("probe", mode), {"unsupported": loaded})
+        pytest.skip(f"{mode} does not attach on this kernel: {loaded}")
+    comm = f"lp{secrets.token_hex(3)}"
+    per_window = CONNECTS[full]
+    on = Participants(mode, helpers, comm)
+    samples = {}
     try:
-        if isinstance(loaded, str):
-            results.put(("probe", mode), {"unsupported": loaded})
-            pytest.skip(f"{mode} does not attach on this kernel: {loaded}")
-        comm = f"lp{secrets.token_hex(3)}"
-        per_window = CONNECTS[full]
-        samples = {"tcpmon": [], "bpftrace": [], "noop": []}
         with BpfStats():
-            noop = None
-            if mode in NoopPrograms.PROGRAMS:
-                os.makedirs(noop_dir, exist_ok=True)
-                noop = NoopPrograms(helpers["noop"], mode, f"{noop_dir}/noop")
-            tracer, traced = Bpftrace(BPFTRACE_SCRIPTS[mode]), 0
+            on.load()
+            on.attach_noops()
+            on.start_tracer()
 
-            def check_tracer():
-                maps = tracer.stop()
-                assert maps.get("comm_totals", {}).get(comm) == traced, \
-                    f"bpftrace counted {maps.get('comm_totals', {}).get(comm)} of {traced} connects: " \
-                    f"...{tracer.output[-1000:]}"
-            try:
-                def window():
-                    counted = comm_total(pin_dir, comm)
-                    before = (benchlib.tcpmon_run_time_ns(pin_dir), tracer.run_time_ns(),
-                              noop.run_time_ns() if noop else 0)
-                    run = connect_loop(helpers["procfarm"], per_window, 120, "refused", comm)
-                    after = (benchlib.tcpmon_run_time_ns(pin_dir), tracer.run_time_ns(),
-                             noop.run_time_ns() if noop else 0)
-                    assert run["errors"] == 0 and run["connects"] == per_window, run
-                    assert comm_total(pin_dir, comm) - counted == per_window
-                    for name, b, a in zip(samples, before, after):
-                        samples[name].append((a - b) / run["connects"])
-                    return run["connects"]
-                for i in range(WINDOWS[full]):
-                    if i % 2:      # bpftrace runs first: reload tcpmon behind it
-                        benchlib.remove_pin_dir(pin_dir)
-                        loader.load(pin_dir, attach=mode)
-                    elif i:        # tcpmon runs first: restart bpftrace behind it
-                        check_tracer()
-                        tracer, traced = Bpftrace(BPFTRACE_SCRIPTS[mode]), 0
-                    # the benchmark fixture times the first window
-                    traced += timed(benchmark, window, rounds=1, warmup=0)[0] if i == 0 else window()
-            finally:
-                if tracer.proc.poll() is None:
-                    check_tracer()
-                if noop:
-                    noop.close()
-        if full:
-            results.put(("probe", mode), {
-                "tcpmon": min(samples["tcpmon"]), "bpftrace": min(samples["bpftrace"]),
-                "noop": min(samples["noop"]) if noop else None,
-                "tcpmon_median": statistics.median(samples["tcpmon"]),
-                "bpftrace_median": statistics.median(samples["bpftrace"]),
-                "windows": len(samples["tcpmon"]), "connects_per_window": per_window,
-                "tcpmon_windows": [round(x) for x in samples["tcpmon"]],
-                "bpftrace_windows": [round(x) for x in samples["bpftrace"]],
-                "bpftrace_hook": benchlib.BPFTRACE_HOOK[mode]})
+            def window():
+                before_counts = {name: counted(path, comm) for name, path in on.dirs.items()}
+                before = on.run_times()
+                run = connect_loop(helpers["procfarm"], per_window, 120, WORKLOAD, comm)
+                after = on.run_times()
+                assert run["errors"] == 0 and run["connects"] == per_window, run
+                attempts, outcomes = expected_counts(per_window)
+                for name, path in on.dirs.items():
+                    (a0, r0, d0), (a1, r1, d1) = before_counts[name], counted(path, comm)
+                    assert a1 - a0 == attempts, (name, a1 - a0, attempts)
+                    assert {k: r1.get(k, 0) - r0.get(k, 0) for k in outcomes} == outcomes, (name, r0, r1)
+                    assert d1 - d0 == (attempts if name == "destinations" else 0), (name, d1 - d0)
+                for name in after:
+                    samples.setdefault(name, []).append((after[name] - before[name]) / run["connects"])
+                return run["connects"]
+            for i in range(WINDOWS[full]):
+                if i % 2:      # bpftrace runs first: reload the tcpmons behind it, in turn
+                    on.load(("tcpmon", "destinations") if i % 4 == 1 else ("destinations", "tcpmon"))
+                elif i:        # the tcpmons run first: restart bpftrace behind them
+                    on.check_tracer()
+                    on.start_tracer()
+                # the benchmark fixture times the first window
+                on.traced += timed(benchmark, window, rounds=1, warmup=0)[0] if i == 0 else window()
     finally:
-        benchlib.remove_pin_dir(pin_dir)
-        benchlib.remove_pin_dir(noop_dir)
+        on.close()
+    if full:
+        best = {name: min(values) for name, values in samples.items()}
+        results.put(("probe", mode), {
+            "tcpmon": best["tcpmon"], "bpftrace": best["bpftrace"], "destinations": best["destinations"],
+            "noop": best.get("noop_tcpmon"), "noop_bpftrace": best.get("noop_bpftrace"),
+            "tcpmon_median": statistics.median(samples["tcpmon"]),
+            "bpftrace_median": statistics.median(samples["bpftrace"]),
+            "destinations_median": statistics.median(samples["destinations"]),
+            "windows": len(samples["tcpmon"]), "connects_per_window": per_window, "workload": WORKLOAD,
+            "windows_ns": {name: [round(x) for x in values] for name, values in samples.items()},
+            "bpftrace_hook": benchlib.BPFTRACE_HOOK[mode]})
 
 
 def _pair_ratios(run):

@@ -6,6 +6,7 @@ connect); map-N: maps with the production layout filled with N synthetic PIDs (1
 import os
 import re
 import secrets
+import statistics
 import subprocess
 import time
 from dataclasses import dataclass
@@ -213,6 +214,49 @@ class LoadedMap:
     def close(self):
         self.exporter.stop()
         benchlib.remove_pin_dir(self.pin_dir)
+
+
+FLOOR_SIZES = {False: (1000, 2000), True: (10000, 100000)}
+FLOOR_ROUNDS = {False: (3, 1), True: (200, 10)}     # (timed pairs, warm-up pairs) per size
+OUTCOME_SERIES = re.compile(rb'^tcpmon_connects_total\{[^}]*result="refused"[^}]*\} \d+$', re.M)
+
+
+@pytest.mark.parametrize("size_index", [0, 1], ids=["small", "large"])
+def test_scrape_near_floor(lib, full, results, size_index):
+    """Warm kept-alive scrapes of N PIDs with the outcome families present ÷ the C batch read of
+    the same maps (every map a scrape reads), timed in pairs right beside each other: floor, then
+    scrape, over and over after a warm-up; medians of each."""
+    n = FLOOR_SIZES[full][size_index]
+    rounds, warmup = FLOOR_ROUNDS[full]
+    if full and n >= 100000:
+        rounds = 60
+    env = LoadedMap(lib, n, "floor")
+    floor = benchlib.ScrapedMapsFloor(lib, env.pin_dir)
+    scrape = Scraper(env.exporter.metrics_port)
+    try:
+        outcomes = benchlib.fill_outcomes(lib, env.pin_dir)
+        floor_times, scrape_times = [], []
+        for i in range(warmup + rounds):
+            started = time.perf_counter()
+            entries = floor.read()
+            between = time.perf_counter()
+            body = scrape()
+            done = time.perf_counter()
+            if i >= warmup:
+                floor_times.append(between - started)
+                scrape_times.append(done - between)
+        assert entries >= n + outcomes
+        assert len(PID_SERIES.findall(body)) >= n
+        assert len(OUTCOME_SERIES.findall(body)) >= outcomes, "the outcome families are missing"
+    finally:
+        scrape.close()
+        floor.close()
+        env.close()
+    if full:
+        results.put(("scrape_warm", n), {"scrape": statistics.median(scrape_times),
+                                         "floor": statistics.median(floor_times),
+                                         "scrape_min": min(scrape_times), "floor_min": min(floor_times),
+                                         "rounds": rounds, "outcome_entries": outcomes, "bytes": len(body)})
 
 
 def _quantile(values, q):

@@ -86,8 +86,12 @@ enum bpf_func_id {
 	BPF_FUNC_get_current_task_btf = 158,
 };
 
+/* The kernel's in6_addr is a union (s6_addr is a macro for in6_u.u6_addr8): CO-RE
+ * relocates by field name, so the names must be the kernel's. */
 struct in6_addr {
-	__u8 s6_addr[16];
+	union {
+		__u8 u6_addr8[16];
+	} in6_u;
 } __attribute__((preserve_access_index));
 
 struct sock_common {

@@ -281,7 +281,7 @@ static __always_inline struct tcpmon_destination_key *remote_of_btf(const struct
 	dest->family = sk->__sk_common.skc_family;
 	dest->port = bpf_ntohs(sk->__sk_common.skc_dport);
 	if (dest->family == AF_INET6)
-		__builtin_memcpy(dest->addr, sk->__sk_common.skc_v6_daddr.s6_addr, 16);
+		__builtin_memcpy(dest->addr, sk->__sk_common.skc_v6_daddr.in6_u.u6_addr8, 16);
 	else
 		__builtin_memcpy(dest->addr, &sk->__sk_common.skc_daddr, 4);
 	return dest;
@@ -338,10 +338,11 @@ static __always_inline struct tcpmon_destination_key *remote_of_tp(const struct 
 		return NULL;
 	dest->family = ctx->family;
 	dest->port = ctx->dport; /* host order in the record */
+	/* Through the helper: a copy of a relocated ctx array would dereference a moved ctx pointer. */
 	if (dest->family == AF_INET6)
-		__builtin_memcpy(dest->addr, ctx->daddr_v6, 16);
+		bpf_core_read(dest->addr, 16, &ctx->daddr_v6);
 	else
-		__builtin_memcpy(dest->addr, ctx->daddr, 4);
+		bpf_core_read(dest->addr, 4, &ctx->daddr);
 	return dest;
 }
 

@@ -221,7 +221,7 @@ cdef class _Text:
         self.used += n
 
     cdef bytes take(self):
-        return bytes(self.buf[:self.used])
+        return bytes(memoryview(self.buf)[:self.used])   # one copy (a bytearray slice would be two)
 
 
 def _group_sums(const unsigned char[::1] values, Py_ssize_t stride, Py_ssize_t count,
@@ -295,12 +295,23 @@ def render_grouped_counters(bytes sample_name, const unsigned char[::1] values, 
 
 cdef void _sample(_Text out, bytes name, bytes open_, bytes labels, bytes sep, bytes extra, bytes close,
                   uint64_t value) except *:
-    cdef char number[MAX_U64_TEXT]
-    out.put(name, len(name))
-    out.put(open_, len(open_))
-    out.put(labels, len(labels))
-    out.put(sep, len(sep))
-    out.put(extra, len(extra))
-    out.put(close, len(close))
-    out.put(number, put_u64(number, value))
-    out.put("\n", 1)
+    """One sample line: room is made once for the whole line, then the pieces are copied in."""
+    cdef Py_ssize_t n_name = len(name), n_open = len(open_), n_labels = len(labels), n_sep = len(sep)
+    cdef Py_ssize_t n_extra = len(extra), n_close = len(close)
+    cdef char *at = out.room(n_name + n_open + n_labels + n_sep + n_extra + n_close + MAX_U64_TEXT + 1)
+    cdef char *start = at
+    memcpy(at, <const char *>name, n_name)
+    at += n_name
+    memcpy(at, <const char *>open_, n_open)
+    at += n_open
+    memcpy(at, <const char *>labels, n_labels)
+    at += n_labels
+    memcpy(at, <const char *>sep, n_sep)
+    at += n_sep
+    memcpy(at, <const char *>extra, n_extra)
+    at += n_extra
+    memcpy(at, <const char *>close, n_close)
+    at += n_close
+    at += put_u64(at, value)
+    at[0] = c'\n'
+    out.used += at + 1 - start

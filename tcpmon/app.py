@@ -40,11 +40,14 @@ def encode(render, snapshot, openmetrics, compress, process_registry=None):
 def _metrics(collector, render, offload, per_worker, environ):
     chosen = negotiation.choose_format(environ.get("HTTP_ACCEPT"))
     compress = negotiation.wants_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
-    snapshot, registry = collector.snapshot(), None
-    if per_worker is not None:   # every worker's counters, labelled, instead of this one's
+    if per_worker is None:   # read and render in one hand-over to a native thread
+        _, body = collector.snapshot_then(partial(encode, render, openmetrics=chosen.openmetrics,
+                                                  compress=compress))
+    else:                    # every worker's counters, labelled, instead of this one's
+        snapshot = collector.snapshot()
         per_worker.publish(snapshot.read_errors, snapshot.read_truncations)
-        snapshot, registry = dataclasses.replace(snapshot, read_errors=None), per_worker.registry
-    body = offload(encode, render, snapshot, chosen.openmetrics, compress, registry)
+        body = offload(encode, render, dataclasses.replace(snapshot, read_errors=None), chosen.openmetrics,
+                       compress, per_worker.registry)
     status, headers, body = _reply("200 OK", body, chosen.content_type)
     headers.append(("Vary", "Accept, Accept-Encoding"))
     if compress:

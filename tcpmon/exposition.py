@@ -4,18 +4,17 @@ The families that grow with the host are rendered by the Cython hot path
 straight from the map bytes: per PID, per comm, and the outcome families,
 whose entries are summed per label set (Python only works out each key's label
 text, once).  The small families go through prometheus-client, which also
-supplies the process metrics.
+supplies the process metrics (written by tcpmon.textformat in the text format).
 """
 import array
 import operator
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client import exposition as text_format
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.utils import floatToGoString
 
-from tcpmon import __version__, maps, negotiation
+from tcpmon import __version__, maps, negotiation, textformat
 from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
                             render_pid_series)
 from tcpmon.attribution import Attributor, Config
@@ -67,21 +66,27 @@ class Renderer:
         self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
         self._texts = {}        # label names and values -> label text
         self._shown = {}        # attribution label values -> the same in comm_label's notation
+        self._grouping = {}     # (map name, families) -> (what the grouping depends on, the grouping)
 
     def render(self, snapshot, openmetrics=False, process_registry=None):
         """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
         own metrics (tcpmon.workers: every worker's, labelled).  Not thread-safe: one at a time."""
-        generate = openmetrics_format.generate_latest if openmetrics else text_format.generate_latest
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_SnapshotFamilies(snapshot, self.attribution))
         for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
         parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
                  self._outcome_families(snapshot, view, openmetrics),
-                 self._destination_family(snapshot, view, openmetrics),
-                 generate(registry), generate(process_registry or _PROCESS_REGISTRY)]
+                 self._destination_family(snapshot, view, openmetrics)]
+        # After the capped families: the small ones report what their caps folded.
+        small = _SnapshotFamilies(snapshot, self.attribution)
+        process = process_registry or _PROCESS_REGISTRY
+        if openmetrics:
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(small)
+            parts += [openmetrics_format.generate_latest(registry), openmetrics_format.generate_latest(process)]
+        else:
+            parts.append(textformat.generate(small, process))
         body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
         return body + _EOF if openmetrics else body
 
@@ -113,7 +118,23 @@ class Renderer:
     def _groups(self, spec, read, view, families, trailing_names=(), trailing=lambda key: ()):
         """(the group of each entry, the label text of each group): entries with the same labels
         are one group; label sets beyond the attribution's cap are folded into one ~other group;
-        entries of cgroups that are gone are in none (-1)."""
+        entries of cgroups that are gone are in none (-1).
+
+        The grouping depends only on the keys and their cgroups' labels, which change when a new
+        (cgroup, comm) connects or a cgroup goes, not with the counts: while both stay as they
+        were, the last scrape's grouping is reused.  That is exact, the cap included: capping the
+        same rows again folds the same label sets, which adds nothing to the folded counters."""
+        keys = bytes(memoryview(read.keys)[:read.count * spec.key_size])
+        ids = sorted(set(memoryview(keys).cast("Q")[::spec.key_size // 8])) if keys else []
+        memo_key = (keys, view.label_names, tuple(view.labels(cgroup_id) for cgroup_id in ids))
+        memo = self._grouping.get((spec.name, families))
+        if memo is not None and memo[0] == memo_key:
+            return memo[1]
+        result = self._group(spec, read, view, families, trailing_names, trailing)
+        self._grouping[(spec.name, families)] = (memo_key, result)
+        return result
+
+    def _group(self, spec, read, view, families, trailing_names, trailing):
         size, keys = spec.key_size, read.keys
         groups_of, ages = {}, []
         raw_groups = array.array("i", [-1]) * read.count
