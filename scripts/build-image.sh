@@ -1,0 +1,182 @@
+#!/usr/bin/env bash
+# make image: builds tcpmon's image (Dockerfile) and debug image (Dockerfile.debug) with
+# podman, offline, and tags them tcpmon:VERSION and tcpmon:VERSION-debug (VERSION from
+# tcpmon/__init__.py; tcpmon:latest too for the host's arch).
+#   TARGET_ARCH=arm64 scripts/build-image.sh   the arm64 images (tcpmon:VERSION-arm64, ...)
+#                                              through qemu-user-static; ~30 min on 2 cores
+#   FORCE=1                                    rebuild even if the images are up to date
+#   scripts/build-image.sh --key               the images' source key, and nothing else
+# An image is labelled with a key of the sources it was built from (the build context,
+# the Dockerfiles, this script); when the tagged images carry the current key the build
+# is skipped, so tests may call this script every run.  A missing Debian base image is
+# made from the mirror apt uses here (mmdebstrap, podman import): no registry is needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KEY_LABEL=org.tcpmon.source-key
+
+die() { echo "tcpmon: $*" >&2; exit 1; }
+
+# What the build context sends (.dockerignore's allow-list) and what builds from it;
+# tests/deploy/test_images.py checks the list against .dockerignore.
+context_files() {
+	find bpf ext tcpmon setup.py scripts/target-arch.sh LICENSE README.md -type f \
+		! -path 'ext/*.c' ! -name '*.so' ! -path 'tcpmon/data/*.bpf.o' ! -path '*/__pycache__/*' | LC_ALL=C sort
+}
+
+source_key() {
+	{ context_files; echo Dockerfile Dockerfile.debug .dockerignore scripts/build-image.sh \
+		scripts/podman-conf.sh scripts/seccomp-profile.py | tr ' ' '\n'; } | xargs sha256sum | sha256sum | cut -c1-16
+}
+
+case "${1:-}" in
+--key) source_key; exit 0 ;;
+--context-files) context_files; exit 0 ;;
+"") ;;
+*) die "unknown argument '$1': scripts/build-image.sh [--key | --context-files]" ;;
+esac
+
+# The Docker platform arch and Debian arch of TARGET_ARCH (a BPF, Docker or uname name).
+arch_names() {
+	case "$1" in
+	x86 | amd64 | x86_64) echo "amd64 amd64" ;;
+	arm64 | aarch64) echo "arm64 arm64" ;;
+	arm | armhf | armv7l) echo "arm armhf" ;;
+	riscv | riscv64) echo "riscv64 riscv64" ;;
+	*) die "TARGET_ARCH '$1' has no image: make image builds for x86 (amd64), arm64, arm and riscv" ;;
+	esac
+}
+
+check_engine() {
+	command -v podman >/dev/null ||
+		die "make image needs podman, which is not installed: apt-get install podman buildah runc mmdebstrap (scripts/apt-packages.txt, [test])"
+	command -v runc >/dev/null || die "make image runs podman with runc, which is not installed: apt-get install runc"
+	CONTAINERS_CONF=$(scripts/podman-conf.sh)
+	export CONTAINERS_CONF
+	local info
+	info=$(podman info --format '{{.Host.OCIRuntime.Name}}' 2>&1) ||
+		die "podman cannot run here: $(grep -m1 -i error <<<"$info" || head -n1 <<<"$info")"
+}
+
+# Cross builds run the target's binaries under qemu-user-static through binfmt_misc.
+check_binfmt() {
+	local qemu=$1
+	[ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null ||
+		die "binfmt_misc cannot be mounted here, so $TARGET_ARCH binaries cannot run: build on a $TARGET_ARCH machine"
+	if ! grep -qs enabled "/proc/sys/fs/binfmt_misc/$qemu"; then
+		command -v update-binfmts >/dev/null && [ -e "/usr/libexec/qemu-binfmt/$qemu-binfmt-P" ] ||
+			[ -e "/usr/bin/$qemu-static" ] ||
+			die "building for $TARGET_ARCH needs qemu-user-static: apt-get install qemu-user-static binfmt-support"
+		update-binfmts --enable "$qemu" >/dev/null 2>&1 || true
+		grep -qs enabled "/proc/sys/fs/binfmt_misc/$qemu" ||
+			die "binfmt handler $qemu is not enabled: update-binfmts --enable $qemu"
+	fi
+}
+
+# The Dockerfile's Debian base, for the platform: imported from an mmdebstrap of the
+# mirror apt is configured with when the engine has none.
+ensure_base() {
+	local name=$1 platform=$2 debarch=$3 major suite mirror security tar
+	name=docker.io/library/${name#docker.io/library/}
+	if podman image exists "$name" &&
+		[ "$(podman image inspect --format '{{.Architecture}}' "$name")" = "$platform" ]; then
+		BASE=$name
+		return
+	fi
+	# a second arch of the same base gets a name of its own
+	[ "$platform" = "$HOST_PLATFORM" ] || name=$name-$platform
+	BASE=$name
+	podman image exists "$name" && return
+	command -v mmdebstrap >/dev/null || die "no base image $name and no mmdebstrap to make it: apt-get install mmdebstrap"
+	major=${name##*:}
+	major=${major%%.*}
+	case "$major" in
+	12) suite=bookworm ;; 13) suite=trixie ;; 14) suite=forky ;;
+	*) die "base image $name: no Debian codename known for release $major (scripts/build-image.sh)" ;;
+	esac
+	mirror=$(apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk '$1 == "Debian" {print $2; exit}')
+	security=$(apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk '$1 == "Debian-Security" {print $2; exit}')
+	[ -n "$mirror" ] || die "no Debian mirror in apt's sources to make the base image $name from"
+	tar=$(mktemp -d)/rootfs.tar
+	echo "tcpmon: making base image $name ($suite, $debarch) from $mirror"
+	mmdebstrap --quiet --variant=minbase --arch="$debarch" "$suite" "$tar" "deb $mirror $suite main" \
+		${security:+"deb $security $suite-security main"} ||
+		{ rm -rf "$(dirname "$tar")"; die "mmdebstrap of $suite ($debarch) from $mirror failed"; }
+	podman import --quiet --arch "$platform" --change 'CMD ["bash"]' "$tar" "$name" >/dev/null
+	rm -rf "$(dirname "$tar")"
+}
+
+current() { podman image inspect --format "{{index .Labels \"$KEY_LABEL\"}}" "$1" 2>/dev/null || true; }
+
+# podman build as the machine needs it: offline (--pull=never), docker format (or SHELL
+# is ignored), no cache (buildah#4375), the host's CA bundle for pip.
+build() {
+	local tag=$1 old
+	shift
+	old=$(podman image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
+	if ! podman build --quiet --no-cache --layers=false --force-rm --pull=never --format docker \
+		--platform "linux/$PLATFORM" --network host \
+		-v /etc/ssl/certs/ca-certificates.crt:/run/host-ca.crt:ro \
+		-v "$(dirname "$CONTAINERS_CONF")/pip.conf:/etc/pip.conf:ro" \
+		--label "$KEY_LABEL=$KEY" -t "$tag" "$@" . >"$LOG" 2>&1; then
+		# failed builds leave working containers behind (19 GB of them, once)
+		buildah rm --all >/dev/null 2>&1 || true
+		tail -n 20 "$LOG" >&2
+		die "building $tag failed (the whole log: $LOG)"
+	fi
+	# the image the tag named before, now untagged
+	[ -z "$old" ] || [ "$old" = "$(podman image inspect --format '{{.Id}}' "$tag")" ] ||
+		podman rmi "$old" >/dev/null 2>&1 || true
+}
+
+size_mb() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%d MB", $1 / 1e6}'; }
+
+main() {
+	local version base_name qemu start
+	version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' tcpmon/__init__.py)
+	read -r PLATFORM DEBARCH <<<"$(arch_names "${TARGET_ARCH:-$(uname -m)}")"
+	read -r HOST_PLATFORM _ <<<"$(arch_names "$(uname -m)")"
+	check_engine
+	local suffix=""
+	if [ "$PLATFORM" != "$HOST_PLATFORM" ]; then
+		suffix=-$PLATFORM
+		case "$PLATFORM" in arm64) qemu=qemu-aarch64 ;; arm) qemu=qemu-arm ;; riscv64) qemu=qemu-riscv64 ;; *) qemu=qemu-x86_64 ;; esac
+		check_binfmt "$qemu"
+	fi
+	IMAGE=localhost/tcpmon:$version$suffix
+	DEBUG=localhost/tcpmon:$version$suffix-debug
+	KEY=$(source_key)
+	mkdir -p build/containers
+	LOG=$PWD/build/containers/build-$PLATFORM.log
+	if [ -z "${FORCE:-}" ] && [ "$(current "$IMAGE")" = "$KEY" ] && [ "$(current "$DEBUG")" = "$KEY" ]; then
+		echo "tcpmon: $IMAGE ($(size_mb "$IMAGE")) and $DEBUG ($(size_mb "$DEBUG")) are up to date (source key $KEY)"
+		return
+	fi
+	base_name=$(sed -n 's/^ARG DEBIAN_IMAGE=//p' Dockerfile)
+	# the bpf stage runs natively
+	[ "$PLATFORM" = "$HOST_PLATFORM" ] || ensure_base "$base_name" "$HOST_PLATFORM" "$(arch_names "$(uname -m)" | cut -d' ' -f2)"
+	ensure_base "$base_name" "$PLATFORM" "$DEBARCH"
+	local build_args=()
+	if [ "$PLATFORM" != "$HOST_PLATFORM" ]; then
+		# both arches under the base's one name for the Dockerfile's two FROMs: a manifest list
+		local list=localhost/tcpmon-base:$PLATFORM
+		podman manifest exists "$list" 2>/dev/null && podman manifest rm "$list" >/dev/null
+		podman manifest create "$list" >/dev/null
+		podman manifest add "$list" "containers-storage:docker.io/library/$base_name" >/dev/null
+		podman manifest add "$list" "containers-storage:$BASE" >/dev/null
+		build_args=(--build-arg "DEBIAN_IMAGE=$list")
+	fi
+	start=$SECONDS
+	echo "tcpmon: building $IMAGE (linux/$PLATFORM, source key $KEY)"
+	build "$IMAGE" "${build_args[@]}"
+	local image_time=$((SECONDS - start))
+	build "$DEBUG" -f Dockerfile.debug --build-arg "RELEASE_IMAGE=$IMAGE"
+	if [ -z "$suffix" ]; then podman tag "$IMAGE" localhost/tcpmon:latest; fi
+	# the smoke check: the entrypoint runs
+	local smoke
+	smoke=$(podman run --rm --platform "linux/$PLATFORM" "$IMAGE" --version 2>&1) ||
+		die "$IMAGE does not start: $smoke"
+	[ "$smoke" = "tcpmon $version" ] || die "$IMAGE --version printed '$smoke', not 'tcpmon $version'"
+	echo "tcpmon: built $IMAGE ($(size_mb "$IMAGE"), ${image_time}s) and $DEBUG ($(size_mb "$DEBUG"), $((SECONDS - start - image_time))s); '$smoke'"
+}
+
+main
