@@ -35,13 +35,14 @@ case "${1:-}" in
 *) die "unknown argument '$1': scripts/build-image.sh [--key | --context-files]" ;;
 esac
 
-# The Docker platform arch and Debian arch of TARGET_ARCH (a BPF, Docker or uname name).
+# The Docker platform arch, Debian arch and qemu-user binfmt handler of TARGET_ARCH (a
+# BPF, Docker or uname name).
 arch_names() {
 	case "$1" in
-	x86 | amd64 | x86_64) echo "amd64 amd64" ;;
-	arm64 | aarch64) echo "arm64 arm64" ;;
-	arm | armhf | armv7l) echo "arm armhf" ;;
-	riscv | riscv64) echo "riscv64 riscv64" ;;
+	x86 | amd64 | x86_64) echo "amd64 amd64 qemu-x86_64" ;;
+	arm64 | aarch64) echo "arm64 arm64 qemu-aarch64" ;;
+	arm | armhf | armv7l) echo "arm armhf qemu-arm" ;;
+	riscv | riscv64) echo "riscv64 riscv64 qemu-riscv64" ;;
 	*) die "TARGET_ARCH '$1' has no image: make image builds for x86 (amd64), arm64, arm and riscv" ;;
 	esac
 }
@@ -62,14 +63,18 @@ check_binfmt() {
 	local qemu=$1
 	[ -e /proc/sys/fs/binfmt_misc/status ] || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc 2>/dev/null ||
 		die "binfmt_misc cannot be mounted here, so $TARGET_ARCH binaries cannot run: build on a $TARGET_ARCH machine"
-	if ! grep -qs enabled "/proc/sys/fs/binfmt_misc/$qemu"; then
-		command -v update-binfmts >/dev/null && [ -e "/usr/libexec/qemu-binfmt/$qemu-binfmt-P" ] ||
-			[ -e "/usr/bin/$qemu-static" ] ||
-			die "building for $TARGET_ARCH needs qemu-user-static: apt-get install qemu-user-static binfmt-support"
-		update-binfmts --enable "$qemu" >/dev/null 2>&1 || true
-		grep -qs enabled "/proc/sys/fs/binfmt_misc/$qemu" ||
-			die "binfmt handler $qemu is not enabled: update-binfmts --enable $qemu"
-	fi
+	grep -qs '^enabled' "/proc/sys/fs/binfmt_misc/$qemu" && return
+	{ command -v update-binfmts && [ -e "/usr/bin/$qemu-static" ]; } >/dev/null ||
+		die "building for $TARGET_ARCH needs qemu-user-static and binfmt-support: make image-arm64 installs them ([cross])"
+	update-binfmts --enable "$qemu" >/dev/null 2>&1 || true
+	grep -qs '^enabled' "/proc/sys/fs/binfmt_misc/$qemu" ||
+		die "the binfmt handler $qemu cannot be enabled here (update-binfmts --enable $qemu): build on a $TARGET_ARCH machine"
+}
+
+# The URI of the repository apt here knows by that Label (Debian, Debian-Security).
+apt_repo() {
+	# shellcheck disable=SC2016 # apt's format fields, not shell expansions
+	apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk -v label="$1" '$1 == label {print $2; exit}'
 }
 
 # The Dockerfile's Debian base, for the platform: imported from an mmdebstrap of the
@@ -93,8 +98,8 @@ ensure_base() {
 	12) suite=bookworm ;; 13) suite=trixie ;; 14) suite=forky ;;
 	*) die "base image $name: no Debian codename known for release $major (scripts/build-image.sh)" ;;
 	esac
-	mirror=$(apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk '$1 == "Debian" {print $2; exit}')
-	security=$(apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk '$1 == "Debian-Security" {print $2; exit}')
+	mirror=$(apt_repo Debian)
+	security=$(apt_repo Debian-Security)
 	[ -n "$mirror" ] || die "no Debian mirror in apt's sources to make the base image $name from"
 	tar=$(mktemp -d)/rootfs.tar
 	echo "tcpmon: making base image $name ($suite, $debarch) from $mirror"
@@ -133,13 +138,13 @@ size_mb() { podman image inspect --format '{{.Size}}' "$1" | awk '{printf "%d MB
 main() {
 	local version base_name qemu start
 	version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' tcpmon/__init__.py)
-	read -r PLATFORM DEBARCH <<<"$(arch_names "${TARGET_ARCH:-$(uname -m)}")"
-	read -r HOST_PLATFORM _ <<<"$(arch_names "$(uname -m)")"
+	read -r PLATFORM DEBARCH qemu <<<"$(arch_names "${TARGET_ARCH:-$(uname -m)}")"
+	read -r HOST_PLATFORM HOST_DEBARCH _ <<<"$(arch_names "$(uname -m)")"
+	[ -n "$PLATFORM" ] && [ -n "$HOST_PLATFORM" ] || exit 1 # arch_names said why
 	check_engine
 	local suffix=""
 	if [ "$PLATFORM" != "$HOST_PLATFORM" ]; then
 		suffix=-$PLATFORM
-		case "$PLATFORM" in arm64) qemu=qemu-aarch64 ;; arm) qemu=qemu-arm ;; riscv64) qemu=qemu-riscv64 ;; *) qemu=qemu-x86_64 ;; esac
 		check_binfmt "$qemu"
 	fi
 	IMAGE=localhost/tcpmon:$version$suffix
@@ -153,7 +158,7 @@ main() {
 	fi
 	base_name=$(sed -n 's/^ARG DEBIAN_IMAGE=//p' Dockerfile)
 	# the bpf stage runs natively
-	[ "$PLATFORM" = "$HOST_PLATFORM" ] || ensure_base "$base_name" "$HOST_PLATFORM" "$(arch_names "$(uname -m)" | cut -d' ' -f2)"
+	[ "$PLATFORM" = "$HOST_PLATFORM" ] || ensure_base "$base_name" "$HOST_PLATFORM" "$HOST_DEBARCH"
 	ensure_base "$base_name" "$PLATFORM" "$DEBARCH"
 	local build_args=()
 	if [ "$PLATFORM" != "$HOST_PLATFORM" ]; then

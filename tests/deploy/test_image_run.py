@@ -229,6 +229,19 @@ def test_loader_and_exporter_containers_as_the_chart_runs_them(podman, images, h
     assert not os.path.exists(pin_dir) or not state.inspect(Pins(pin_dir)).attached
 
 
+def test_the_engines_default_seccomp_profile_stops_the_loader(podman, images, helm, pin_dir, containers):
+    """Why the generated profile exists: containers-common's default allows bpf() and
+    perf_event_open() only with CAP_SYS_ADMIN, which the chart's loader does not hold."""
+    pod = pod_spec(helm)
+    (loader,) = pod["initContainers"]
+    args, _ = run_args(pod, loader, pin_dir, "/usr/share/containers/seccomp.json")
+    name = f"tcpmon-test-seccomp-{secrets.token_hex(3)}"
+    containers.append(name)
+    result = podman.run("run", "--name", name, *args, loader["image"], *loader["args"])
+    assert result.returncode != 0, "the loader worked under the engine's default seccomp profile"
+    assert "Operation not permitted" in result.stderr, result.stderr
+
+
 def test_the_exporter_container_cannot_load(podman, images, helm, pin_dir, containers):
     """CAP_BPF alone, as the exporter holds it: `tcpmon load` fails with one line."""
     pod = pod_spec(helm)
