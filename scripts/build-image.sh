@@ -77,37 +77,68 @@ apt_repo() {
 	apt-get indextargets --format '$(LABEL) $(REPO_URI)' | awk -v label="$1" '$1 == label {print $2; exit}'
 }
 
+# Bump when the base's recipe below changes: a base made by an older recipe is remade.
+BASE_RECIPE=3
+
+# What makes Debian's own slim images slim, for the one made here: apt keeps no .debs and no
+# package caches (their docker-clean), dpkg installs no docs, man pages or translations
+# (mmdebstrap applies --dpkgopt to the essential packages too, and leaves it in the image).
+SLIM_DPKG=(--dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-include=/usr/share/doc/*/copyright'
+	--dpkgopt='path-exclude=/usr/share/man/*' --dpkgopt='path-exclude=/usr/share/info/*'
+	--dpkgopt='path-exclude=/usr/share/groff/*' --dpkgopt='path-exclude=/usr/share/lintian/*'
+	--dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-include=/usr/share/locale/locale.alias')
+write_apt_clean() {
+	local clean='rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true'
+	cat >"$1" <<EOF
+DPkg::Post-Invoke { "$clean"; };
+APT::Update::Post-Invoke { "$clean"; };
+Dir::Cache::pkgcache "";
+Dir::Cache::srcpkgcache "";
+EOF
+}
+
 # The Dockerfile's Debian base, for the platform: imported from an mmdebstrap of the
-# mirror apt is configured with when the engine has none.
+# mirror apt is configured with when the engine has none.  One from a registry (no recipe
+# label) is used as it is.
 ensure_base() {
-	local name=$1 platform=$2 debarch=$3 major suite mirror security tar
+	local name=$1 platform=$2 debarch=$3 recipe major suite mirror security tmp
 	name=docker.io/library/${name#docker.io/library/}
-	if podman image exists "$name" &&
-		[ "$(podman image inspect --format '{{.Architecture}}' "$name")" = "$platform" ]; then
-		BASE=$name
-		return
-	fi
 	# a second arch of the same base gets a name of its own
 	[ "$platform" = "$HOST_PLATFORM" ] || name=$name-$platform
 	BASE=$name
-	podman image exists "$name" && return
+	if podman image exists "$name"; then
+		recipe=$(podman image inspect --format '{{index .Labels "org.tcpmon.base-recipe"}}' "$name")
+		if [ -z "$recipe" ] || [ "$recipe" = "$BASE_RECIPE" ]; then
+			return
+		fi
+		podman rmi "$name" >/dev/null 2>&1 || podman untag "$name"
+	fi
 	command -v mmdebstrap >/dev/null || die "no base image $name and no mmdebstrap to make it: apt-get install mmdebstrap"
 	major=${name##*:}
 	major=${major%%.*}
 	case "$major" in
-	12) suite=bookworm ;; 13) suite=trixie ;; 14) suite=forky ;;
+	12) suite=bookworm ;;
+	13) suite=trixie ;;
+	14) suite=forky ;;
 	*) die "base image $name: no Debian codename known for release $major (scripts/build-image.sh)" ;;
 	esac
 	mirror=$(apt_repo Debian)
 	security=$(apt_repo Debian-Security)
 	[ -n "$mirror" ] || die "no Debian mirror in apt's sources to make the base image $name from"
-	tar=$(mktemp -d)/rootfs.tar
+	tmp=$(mktemp -d)
+	write_apt_clean "$tmp/docker-clean"
 	echo "tcpmon: making base image $name ($suite, $debarch) from $mirror"
-	mmdebstrap --quiet --variant=minbase --arch="$debarch" "$suite" "$tar" "deb $mirror $suite main" \
-		${security:+"deb $security $suite-security main"} ||
-		{ rm -rf "$(dirname "$tar")"; die "mmdebstrap of $suite ($debarch) from $mirror failed"; }
-	podman import --quiet --arch "$platform" --change 'CMD ["bash"]' "$tar" "$name" >/dev/null
-	rm -rf "$(dirname "$tar")"
+	# shellcheck disable=SC2016 # "$1" is the chroot, for mmdebstrap's hook shell
+	if ! mmdebstrap --quiet --variant=minbase --arch="$debarch" "${SLIM_DPKG[@]}" \
+		--customize-hook="copy-in $tmp/docker-clean /etc/apt/apt.conf.d" \
+		--customize-hook='rm -rf "$1"/var/lib/apt/lists/* "$1"/var/cache/apt/*.bin' \
+		"$suite" "$tmp/rootfs.tar" "deb $mirror $suite main" ${security:+"deb $security $suite-security main"}; then
+		rm -rf "$tmp"
+		die "mmdebstrap of $suite ($debarch) from $mirror failed"
+	fi
+	podman import --quiet --arch "$platform" --change 'CMD ["bash"]' \
+		--change "LABEL org.tcpmon.base-recipe=$BASE_RECIPE" "$tmp/rootfs.tar" "$name" >/dev/null
+	rm -rf "$tmp"
 }
 
 current() { podman image inspect --format "{{index .Labels \"$KEY_LABEL\"}}" "$1" 2>/dev/null || true; }
