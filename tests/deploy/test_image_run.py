@@ -261,8 +261,8 @@ def test_compose_up_scrape_down(podman, images, pin_dir):
     private pin dir; the prometheus service needs a registry pull, so only tcpmon is brought up."""
     project = f"tcpmon-test-{secrets.token_hex(3)}"
     metrics_port, health_port = free_port(), free_port()
-    env = {**podman.env, "TCPMON_PIN_DIR": pin_dir, "TCPMON_METRICS_PORT": str(metrics_port),
-           "TCPMON_HEALTH_PORT": str(health_port)}
+    env = {**podman.env, "TCPMON_PIN_DIR": pin_dir, "METRICS_PORT": str(metrics_port),
+           "HEALTH_PORT": str(health_port)}
 
     def compose(*args):
         return subprocess.run([COMPOSE, "-f", str(REPO / "docker-compose.yml"), "-p", project, *args],
