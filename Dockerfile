@@ -1,9 +1,11 @@
-# syntax=docker/dockerfile:1.7
 # tcpmon container image, multi-arch through buildx:
 #   docker buildx build --platform linux/amd64,linux/arm64,linux/arm/v7,linux/riscv64 -t tcpmon .
 # Debian 13 is the base because it is the first Debian release with riscv64 images.
 # Stages: bpf (native, cross-compiles the probe for TARGETARCH) -> wheel (target
 # platform: Cython extensions + the wheel) -> runtime (python3 + libbpf1 + the wheel).
+# On one machine, offline, with podman: make image (scripts/build-image.sh).
+# No `# syntax=` line: BuildKit's built-in frontend has RUN --mount, and naming one
+# makes docker pull it from a registry (make image builds offline).
 ARG DEBIAN_IMAGE=debian:13.1-slim
 
 FROM --platform=$BUILDPLATFORM ${DEBIAN_IMAGE} AS bpf

@@ -13,7 +13,8 @@ PYTEST_ARGS ?=
 
 .DELETE_ON_ERROR:
 .PRECIOUS: $(STAMP)/deps-%
-.PHONY: run test build bpf build-all build-cross arch-info lint bench test-kernels dev-setup deps install clean
+.PHONY: run test build bpf build-all build-cross arch-info lint bench test-kernels dev-setup deps install clean \
+	image image-arm64
 
 run: build
 	$(VENV)/bin/tcpmon run
@@ -75,3 +76,11 @@ test-kernels: build $(STAMP)/deps-test $(STAMP)/deps-cross
 
 install: build
 	scripts/install.sh
+
+# tcpmon:VERSION and tcpmon:VERSION-debug with podman, offline (scripts/build-image.sh);
+# TARGET_ARCH=arm64 (or make image-arm64) builds arm64 ones under qemu-user-static.
+image: $(STAMP)/deps-test
+	TARGET_ARCH=$(TARGET_ARCH) scripts/build-image.sh
+
+image-arm64: $(STAMP)/deps-test $(STAMP)/deps-cross
+	TARGET_ARCH=arm64 scripts/build-image.sh

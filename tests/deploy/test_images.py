@@ -161,6 +161,14 @@ def test_build_context_is_small_and_complete(tmp_path):
     assert not [rel for rel in sent if rel.endswith((".so", ".bpf.o")) or "__pycache__" in rel]
 
 
+def test_image_source_key_covers_the_build_context(tmp_path):
+    """scripts/build-image.sh skips a build whose images carry its source key: the key must
+    hash every file the build context sends, and only those."""
+    listed = subprocess.run([str(REPO / "scripts/build-image.sh"), "--context-files"], capture_output=True,
+                            text=True, check=True).stdout.split()
+    assert sorted(listed) == sorted(build_context(tmp_path))
+
+
 def test_image_build_replayed_from_the_build_context(tmp_path):
     """The Dockerfile's bpf and wheel stages, run here for this machine's architecture on
     nothing but the files the build context holds."""
