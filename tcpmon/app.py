@@ -8,10 +8,10 @@ never waits for a scrape.  With a web config, the metrics port also checks
 basic auth and adds its headers (`tcpmon.web`).
 """
 import dataclasses
-import gzip
 import json
 import logging
 import time
+import zlib
 from functools import partial
 
 from tcpmon import exposition, negotiation
@@ -22,19 +22,25 @@ log = logging.getLogger("tcpmon.app")
 
 _METHODS = ("GET", "HEAD")
 _GZIP_LEVEL = 1   # what Prometheus' Go client uses: most of the saving for a fraction of the CPU
+_GZIP_WBITS = 16 + zlib.MAX_WBITS   # a gzip member (header and trailer), as gzip.compress writes
 
 
 def _reply(status, body, content_type="text/plain; charset=utf-8"):
+    """(status, headers, body as a list of bytes)."""
     if isinstance(body, str):
         body = body.encode()
-    return status, [("Content-Type", content_type)], body
+    return status, [("Content-Type", content_type)], [body] if isinstance(body, bytes) else body
 
 
 def encode(render, snapshot, openmetrics, compress, process_registry=None):
-    """The /metrics body of `snapshot`, gzipped when `compress`: the CPU-heavy part of a scrape."""
+    """The /metrics body of `snapshot` as a list of bytes, gzipped when `compress`: the CPU-heavy
+    part of a scrape.  The parts are sent in turn, never joined (a copy of the whole body)."""
     extra = {"process_registry": process_registry} if process_registry is not None else {}
-    body = render(snapshot, openmetrics=openmetrics, **extra)
-    return gzip.compress(body, compresslevel=_GZIP_LEVEL, mtime=0) if compress else body
+    parts = render(snapshot, openmetrics=openmetrics, **extra)
+    if not compress:
+        return parts
+    gzipper = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
+    return [*map(gzipper.compress, parts), gzipper.flush()]
 
 
 def _metrics(collector, render, offload, per_worker, environ):
@@ -96,10 +102,10 @@ def _with_capacity_notes(collector, notes):
     return collector.capacity_notes() + list(notes())
 
 
-def make_app(collector, metrics_port=None, health_port=None, render=exposition.render, notes=lambda: [],
+def make_app(collector, metrics_port=None, health_port=None, render=exposition.render_parts, notes=lambda: [],
              offload=_run_here, web=None, per_worker=None):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
-    `render(snapshot, openmetrics=...)` makes the /metrics body, through `offload`; `notes()` are
+    `render(snapshot, openmetrics=...)` makes the /metrics body (a list of bytes), through `offload`; `notes()` are
     what readiness and health add while ready (e.g. why attribution labels are missing).
     `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
     `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
@@ -146,7 +152,7 @@ def make_app(collector, metrics_port=None, health_port=None, render=exposition.r
             except Exception as exc:
                 log.exception("%s failed", path)
                 status, headers, body = _reply("503 Service Unavailable", f"{path} failed: {describe(exc)}\n")
-        start_response(status, headers + extra + [("Content-Length", str(len(body)))])
-        return [b"" if method == "HEAD" else body]
+        start_response(status, headers + extra + [("Content-Length", str(sum(map(len, body))))])
+        return [] if method == "HEAD" else body
 
     return app

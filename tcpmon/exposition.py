@@ -9,12 +9,11 @@ supplies the process metrics (written by tcpmon.textformat in the text format).
 import array
 import operator
 
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics import exposition as openmetrics_format
 from prometheus_client.utils import floatToGoString
 
-from tcpmon import __version__, maps, negotiation, textformat
+from tcpmon import __version__, maps, negotiation, processmetrics, textformat
 from tcpmon._render import (comm_label, render_comm_series, render_grouped_counters, render_outcomes,
                             render_pid_series)
 from tcpmon.attribution import Attributor, Config
@@ -22,6 +21,7 @@ from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
 from tcpmon.escaping import label_text
+from tcpmon.textformat import Family
 
 # Not prometheus-client's CONTENT_TYPE_LATEST: that became text 1.0.0 in 0.22, the body is 0.0.4.
 CONTENT_TYPE_TEXT = negotiation.CONTENT_TYPE_TEXT
@@ -44,12 +44,6 @@ LATENCY_BOUNDS = tuple(floatToGoString(2 ** (slot + 1) / 1e6) for slot in range(
 
 
 
-_PROCESS_REGISTRY = CollectorRegistry(auto_describe=False)
-ProcessCollector(registry=_PROCESS_REGISTRY)
-PlatformCollector(registry=_PROCESS_REGISTRY)
-GCCollector(registry=_PROCESS_REGISTRY)
-
-
 def wants_openmetrics(accept_header):
     return negotiation.choose_format(accept_header).openmetrics
 
@@ -69,26 +63,32 @@ class Renderer:
         self._grouping = {}     # (map name, families) -> (what the grouping depends on, the grouping)
 
     def render(self, snapshot, openmetrics=False, process_registry=None):
-        """The whole /metrics body for one snapshot.  `process_registry` replaces this process's
+        """The whole /metrics body for one snapshot, as one bytes object."""
+        return b"".join(self.render_parts(snapshot, openmetrics, process_registry))
+
+    def render_parts(self, snapshot, openmetrics=False, process_registry=None):
+        """The /metrics body for one snapshot as a list of bytes to be sent in turn (joining a
+        100k-PID body would copy 5 MB once more).  `process_registry` replaces this process's
         own metrics (tcpmon.workers: every worker's, labelled).  Not thread-safe: one at a time."""
         for cache in (self._key_labels, self._texts, self._shown):
             if len(cache) > self.MAX_REMEMBERED:
                 cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
-        parts = [_pid_family(snapshot.connects), _comm_family(snapshot.comm_totals, openmetrics),
-                 self._outcome_families(snapshot, view, openmetrics),
-                 self._destination_family(snapshot, view, openmetrics)]
+        parts = [*_pid_family(snapshot.connects), *_comm_family(snapshot.comm_totals, openmetrics),
+                 *self._outcome_families(snapshot, view, openmetrics),
+                 *self._destination_family(snapshot, view, openmetrics)]
         # After the capped families: the small ones report what their caps folded.
         small = _SnapshotFamilies(snapshot, self.attribution)
-        process = process_registry or _PROCESS_REGISTRY
         if openmetrics:
             registry = CollectorRegistry(auto_describe=False)
             registry.register(small)
-            parts += [openmetrics_format.generate_latest(registry), openmetrics_format.generate_latest(process)]
-        else:
-            parts.append(textformat.generate(small, process))
-        body = b"".join(part.replace(_EOF, b"") if openmetrics else part for part in parts)
-        return body + _EOF if openmetrics else body
+            process = process_registry or textformat.ClientCollector(processmetrics.families)
+            return parts + [openmetrics_format.generate_latest(registry).replace(_EOF, b""),
+                            openmetrics_format.generate_latest(process).replace(_EOF, b""), _EOF]
+        text = textformat.write(small.families(), [])
+        if process_registry is None:
+            return parts + ["".join(textformat.write(processmetrics.families(), text)).encode()]
+        return parts + ["".join(text).encode(), textformat.generate(process_registry)]
 
     @staticmethod
     def _cgroup_ids(snapshot):
@@ -173,25 +173,25 @@ class Renderer:
         head_latency = _header(LATENCY_FAMILY, "histogram", LATENCY_HELP, openmetrics).encode()
         read = snapshot.reads.get(maps.OUTCOMES.name)
         if read is None:
-            return head + head_latency
+            return head, head_latency
         groups, labels = self._groups(maps.OUTCOMES, read, view,
                                       (f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY))
         counters, histogram = render_outcomes(OUTCOME_FAMILY.encode(), LATENCY_FAMILY.encode(), _RESULT_TEXT,
                                               _BOUND_TEXT, read.values, read.count, groups, labels)
-        return head + counters + head_latency + histogram
+        return head, counters, head_latency, histogram
 
     def _destination_family(self, snapshot, view, openmetrics):
         read = snapshot.reads.get(maps.DESTINATIONS.name)
         if read is None or read.max_entries <= 1:  # not counted: tcpmon load --destinations turns it on
-            return b""
+            return ()
 
         def where(key):
             return (maps.RESULTS[key["result"]], str(key["port"]), remote_of(key, self.networks))
         groups, labels = self._groups(maps.DESTINATIONS, read, view, (f"{DESTINATION_FAMILY}_total",),
                                       ("result", "remote_port", "remote"), where)
         head = _header(DESTINATION_FAMILY, "counter", DESTINATION_HELP, openmetrics).encode()
-        return head + render_grouped_counters(f"{DESTINATION_FAMILY}_total".encode(), read.values,
-                                              read.value_stride, read.count, groups, labels)
+        return head, render_grouped_counters(f"{DESTINATION_FAMILY}_total".encode(), read.values,
+                                             read.value_stride, read.count, groups, labels)
 
 
 _RESULT_TEXT = [result.encode() for result in maps.RESULTS]
@@ -204,6 +204,11 @@ def render(snapshot, openmetrics=False, process_registry=None):
     return _DEFAULT.render(snapshot, openmetrics, process_registry)
 
 
+def render_parts(snapshot, openmetrics=False, process_registry=None):
+    """render(), as the list of bytes it joins."""
+    return _DEFAULT.render_parts(snapshot, openmetrics, process_registry)
+
+
 def _header(family, kind, help_text, openmetrics):
     # OpenMetrics names a counter family without the _total its samples carry.
     name = family if openmetrics or kind != "counter" else family + "_total"
@@ -213,16 +218,16 @@ def _header(family, kind, help_text, openmetrics):
 def _pid_family(connects):
     header = _header(PID_FAMILY, "gauge", PID_HELP, False).encode()
     if connects is None:
-        return header
-    return header + render_pid_series(PID_FAMILY.encode(), connects.keys, connects.values, connects.count)
+        return (header,)
+    return header, render_pid_series(PID_FAMILY.encode(), connects.keys, connects.values, connects.count)
 
 
 def _comm_family(comm_totals, openmetrics):
     header = _header(COMM_FAMILY, "counter", COMM_HELP, openmetrics).encode()
     if comm_totals is None:
-        return header
+        return (header,)
     sample = (COMM_FAMILY + "_total").encode()
-    return header + render_comm_series(sample, comm_totals.keys, comm_totals.values, comm_totals.count)
+    return header, render_comm_series(sample, comm_totals.keys, comm_totals.values, comm_totals.count)
 
 
 def escape(value):
@@ -235,78 +240,67 @@ def _labels(names, values):
 
 
 class _SnapshotFamilies:
-    """The small families of one snapshot, for prometheus-client to render."""
+    """The small families of one snapshot: Family tuples, or prometheus-client's families (collect)."""
 
     def __init__(self, snapshot, attribution):
         self.snapshot = snapshot
         self.attribution = attribution
 
     def collect(self):
+        return map(textformat.to_client, self.families())
+
+    def families(self):
         snap = self.snapshot
         yield from self._maps(snap)
         yield from attribution_families(self.attribution.stats(), [f"{OUTCOME_FAMILY}_total", LATENCY_FAMILY])
-        mode = snap.probe_state.mode if snap.probe_state else None
-        attached = GaugeMetricFamily("tcpmon_probe_attached", "1 while tcpmon's connect probe is attached",
-                                     labels=["mode"])
-        attached.add_metric([mode or "none"], 1 if snap.probe_state and snap.probe_state.attached else 0)
-        yield attached
-        yield InfoMetricFamily("tcpmon_build", "tcpmon version and the attach mode in use",
-                               value={"version": __version__, "attach_mode": mode or "none"})
-        yield GaugeMetricFamily("tcpmon_scrape_duration_seconds",
-                                "Time this scrape spent reading the pinned maps", value=snap.duration)
-        yield GaugeMetricFamily("tcpmon_bpf_stats_enabled",
-                                "1 when kernel.bpf_stats_enabled=1 makes probe run time visible",
-                                value=int(snap.bpf_stats_enabled))
+        mode = (snap.probe_state.mode if snap.probe_state else None) or "none"
+        attached = 1 if snap.probe_state and snap.probe_state.attached else 0
+        yield Family("tcpmon_probe_attached", "gauge", "1 while tcpmon's connect probe is attached", ("mode",),
+                     [((mode,), attached)])
+        yield Family("tcpmon_build", "info", "tcpmon version and the attach mode in use",
+                     ("version", "attach_mode"), [((__version__, mode), 1)])
+        yield Family("tcpmon_scrape_duration_seconds", "gauge", "Time this scrape spent reading the pinned maps",
+                     (), [((), snap.duration)])
+        yield Family("tcpmon_bpf_stats_enabled", "gauge",
+                     "1 when kernel.bpf_stats_enabled=1 makes probe run time visible", (),
+                     [((), int(snap.bpf_stats_enabled))])
         if snap.probe_state:
-            yield from self._probe_misses(snap.probe_state)
+            yield self._probe_misses(snap.probe_state)
         if snap.bpf_stats_enabled and snap.probe_state:
             yield from self._probe_cost(snap.probe_state)
 
-    def _maps(self, snap):
-        entries = GaugeMetricFamily("tcpmon_map_entries", "Entries in a pinned map", labels=["map"])
-        capacity = GaugeMetricFamily("tcpmon_map_max_entries", "Capacity of a pinned map", labels=["map"])
-        for name, read in snap.reads.items():
-            entries.add_metric([name], read.count)
-            capacity.add_metric([name], read.max_entries)
-        yield entries
-        yield capacity
-        failures = CounterMetricFamily("tcpmon_map_update_failures",
-                                       "Connects the probe could not count because a map was full",
-                                       labels=["map"])
-        for name, count in (snap.update_failures or {}).items():
-            failures.add_metric([name], count)
-        yield failures
+    @staticmethod
+    def _maps(snap):
+        by_map = ("map",)
+        yield Family("tcpmon_map_entries", "gauge", "Entries in a pinned map", by_map,
+                     [((name,), read.count) for name, read in snap.reads.items()])
+        yield Family("tcpmon_map_max_entries", "gauge", "Capacity of a pinned map", by_map,
+                     [((name,), read.max_entries) for name, read in snap.reads.items()])
+        yield Family("tcpmon_map_update_failures", "counter",
+                     "Connects the probe could not count because a map was full", by_map,
+                     [((name,), count) for name, count in (snap.update_failures or {}).items()])
         if snap.read_errors is None:
             return   # these two per worker, from tcpmon.workers
-        errors = CounterMetricFamily("tcpmon_map_read_errors", "Failed reads of a pinned map by this worker",
-                                     labels=["map"])
-        for spec in SCRAPED:
-            errors.add_metric([spec.name], snap.read_errors.get(spec.name, 0))
-        yield errors
-        truncated = CounterMetricFamily("tcpmon_map_read_truncated",
-                                        "Reads of a pinned map by this worker that stopped before its end "
-                                        "(it changed faster than it was read)", labels=["map"])
-        for spec in SCRAPED:
-            truncated.add_metric([spec.name], snap.read_truncations.get(spec.name, 0))
-        yield truncated
+        yield Family("tcpmon_map_read_errors", "counter", "Failed reads of a pinned map by this worker", by_map,
+                     [((spec.name,), snap.read_errors.get(spec.name, 0)) for spec in SCRAPED])
+        yield Family("tcpmon_map_read_truncated", "counter",
+                     "Reads of a pinned map by this worker that stopped before its end "
+                     "(it changed faster than it was read)", by_map,
+                     [((spec.name,), snap.read_truncations.get(spec.name, 0)) for spec in SCRAPED])
 
-    def _probe_cost(self, state):
-        run_time = CounterMetricFamily("tcpmon_probe_run_time_seconds",
-                                       "Kernel time spent in tcpmon's programs", labels=["program"])
-        runs = CounterMetricFamily("tcpmon_probe_runs", "Runs of tcpmon's programs", labels=["program"])
-        for info in state.programs.values():
-            run_time.add_metric([info["name"]], info["run_time_ns"] / 1e9)
-            runs.add_metric([info["name"]], info["run_cnt"])
-        yield run_time
-        yield runs
+    @staticmethod
+    def _probe_cost(state):
+        programs = state.programs.values()
+        yield Family("tcpmon_probe_run_time_seconds", "counter", "Kernel time spent in tcpmon's programs",
+                     ("program",), [((info["name"],), info["run_time_ns"] / 1e9) for info in programs])
+        yield Family("tcpmon_probe_runs", "counter", "Runs of tcpmon's programs", ("program",),
+                     [((info["name"],), info["run_cnt"]) for info in programs])
 
     @staticmethod
     def _probe_misses(state):
         # Counted whatever bpf_stats says (5.12+): an event that fired while the same program ran
         # on that CPU (a softirq over a process-context run) was not seen, so its count is missing.
-        missed = CounterMetricFamily("tcpmon_probe_missed_runs",
-                                     "Events the kernel did not pass to tcpmon's programs because the "
-                                     "program was already running on that CPU", labels=["program"])
-        for info in state.programs.values():
-            missed.add_metric([info["name"]], info.get("recursion_misses", 0))
-        yield missed
+        return Family("tcpmon_probe_missed_runs", "counter",
+                      "Events the kernel did not pass to tcpmon's programs because the "
+                      "program was already running on that CPU", ("program",),
+                      [((info["name"],), info.get("recursion_misses", 0)) for info in state.programs.values()])

@@ -291,7 +291,7 @@ class Exporter(BaseApplication):
         def render(snapshot, **kwargs):
             # One render at a time: the Renderer's caches and the attributor are not thread-safe.
             with render_lock:
-                return renderer.render(snapshot, **kwargs)
+                return renderer.render_parts(snapshot, **kwargs)
 
         return make_app(self.collector, self.metrics_port, self.health_port, render=render,
                         notes=lambda: [attributor.problem] if attributor.problem else [], offload=offload,

@@ -1,15 +1,26 @@
 """Metric families -> Prometheus text format 0.0.4, byte for byte what prometheus-client's
 `generate_latest` writes, for the small families and the process metrics of every scrape.
 
+tcpmon's own small families are plain `Family` tuples (`write`), with no prometheus-client
+objects made per scrape; `to_client` makes those objects for the OpenMetrics format, and
+`generate` writes any prometheus-client collector (the other workers' process metrics).
+
 generate_latest escapes every metric and label name on every sample (for UTF-8 names), about
 half of a 10k scrape's time beyond the map read; tcpmon's names are all legacy names, which
 escape to themselves, so each is checked once, and each sample's text up to its value is remembered.  A family with
 any other name goes through generate_latest itself.
 """
 import re
+from collections import namedtuple
 
 from prometheus_client import exposition
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.utils import floatToGoString
+
+Family = namedtuple("Family", "name kind help labels samples")
+Family.__doc__ = """One family: kind is "counter", "gauge" or "info"; labels are the label names;
+samples are (label values, value) pairs (an info family's value is 1).  A counter's name is
+without the _total of its samples, an info's without its _info."""
 
 _LEGACY_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 _LEGACY_LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -102,3 +113,54 @@ def generate(*collectors):
         for metric in collector.collect():
             _family(metric, out)
     return "".join(out).encode("utf-8")
+
+
+_SAMPLE_NAME = {"counter": ("_total", "counter"), "gauge": ("", "gauge"), "info": ("_info", "gauge")}
+_sample_texts = {}   # (sample name, label names, label values) -> the sample line up to its value,
+#                      labels sorted by name as generate_latest writes them
+
+
+def _sample_text(name, labels, values):
+    key = (name, labels, values)
+    text = _sample_texts.get(key)
+    if text is None:
+        if len(_sample_texts) > _MAX_REMEMBERED:
+            _sample_texts.clear()
+        pairs = ",".join(f'{label}="{_escape(value)}"' for label, value in sorted(zip(labels, values)))
+        text = _sample_texts[key] = f"{name}{{{pairs}}} " if pairs else f"{name} "
+    return text
+
+
+def write(families, out):
+    """Append the text of `families` (Family tuples, tcpmon's own legacy names) to the list `out`."""
+    for family in families:
+        suffix, kind = _SAMPLE_NAME[family.kind]
+        name = family.name + suffix
+        out.append(_head(name, kind, family.help))
+        for values, value in family.samples:
+            out.append(f"{_sample_text(name, family.labels, values)}{_value(value)}\n")
+    return out
+
+
+def to_client(family):
+    """The prometheus-client family of a Family, for prometheus-client's OpenMetrics writer."""
+    if family.kind == "info":
+        metric = InfoMetricFamily(family.name, family.help, labels=())
+        for values, _ in family.samples:
+            metric.add_metric((), dict(zip(family.labels, values)))
+        return metric
+    kind = CounterMetricFamily if family.kind == "counter" else GaugeMetricFamily
+    metric = kind(family.name, family.help, labels=family.labels)
+    for values, value in family.samples:
+        metric.add_metric(values, value)
+    return metric
+
+
+class ClientCollector:
+    """Family tuples, as a prometheus-client collector (a registry's register() takes it)."""
+
+    def __init__(self, families):
+        self.families = families   # a callable: the Family tuples of this moment
+
+    def collect(self):
+        return map(to_client, self.families())

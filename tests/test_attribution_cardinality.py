@@ -97,9 +97,8 @@ def test_folded_label_sets_are_counted_when_they_begin_to_fold():
     stats = attributor.stats()
     assert stats["series_folded_total"] == {"tcpmon_connects_total": 3, "tcpmon_connect_duration_seconds": 0}
     assert stats["series_folded"] == {"tcpmon_connects_total": 3, "tcpmon_connect_duration_seconds": 0}
-    by_name = {(family.name, family.type): {s.labels["family"]: s.value for s in family.samples
-                                            if "family" in s.labels}
-               for family in families(stats, ["tcpmon_connects_total"])}
+    by_name = {(family.name, family.kind): {values[0]: value for values, value in family.samples}
+               for family in families(stats, ["tcpmon_connects_total"]) if family.labels == ("family",)}
     assert by_name[("tcpmon_series_folded", "counter")] == {"tcpmon_connects_total": 3,
                                                             "tcpmon_connect_duration_seconds": 0}
     assert by_name[("tcpmon_series_overflow", "gauge")]["tcpmon_connects_total"] == 3

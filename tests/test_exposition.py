@@ -398,3 +398,56 @@ def test_grouped_renderers_refuse_short_buffers():
     with pytest.raises(ValueError):
         render_grouped_counters(b"x", b"\0" * 16, 8, 2, array.array("i", [0]), [b'a="b"'])
 
+
+
+# --- tcpmon's own small families and this process's metrics -------------------------------
+
+def test_the_small_families_are_written_as_prometheus_client_writes_them(pin_dir):
+    """tcpmon.textformat writes tcpmon's small families itself; prometheus-client's writer,
+    handed the same families as its own objects, is the oracle, byte for byte."""
+    from prometheus_client.exposition import generate_latest
+    from tcpmon import exposition, textformat
+    from tcpmon.collector import Collector
+    with Connector(unique_comm("small"), refused=3):
+        collector = Collector(pin_dir)
+        try:
+            snapshot = collector.snapshot()
+        finally:
+            collector.close()
+    small = exposition._SnapshotFamilies(snapshot, exposition.Renderer().attribution)
+    ours = "".join(textformat.write(small.families(), [])).encode()
+    assert ours == generate_latest(textformat.ClientCollector(small.families))
+    families = {family.name: family for family in parse_text(ours.decode())}
+    assert {"tcpmon_map_entries", "tcpmon_map_update_failures", "tcpmon_probe_attached", "tcpmon_build_info",
+            "tcpmon_scrape_duration_seconds", "tcpmon_probe_missed_runs"} <= families.keys()
+    assert families["tcpmon_map_entries"].samples and families["tcpmon_probe_attached"].samples[0].value == 1
+
+
+def test_this_process_metrics_are_prometheus_clients_process_platform_and_gc_collectors():
+    """tcpmon.processmetrics reads /proc/self once per scrape; prometheus-client's own collectors,
+    read right beside it, are the oracle: the same families, types, help and label sets, and
+    values that agree (exactly where they can't move between the two reads)."""
+    from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+    from prometheus_client.exposition import generate_latest
+    from tcpmon import processmetrics, textformat
+    reference = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=reference)
+    theirs = {family.name: family for family in parse_text(generate_latest(reference).decode())}
+    ours = {family.name: family for family in
+            parse_text("".join(textformat.write(processmetrics.families(), [])))}
+    assert ours.keys() == theirs.keys()
+    for name, family in theirs.items():
+        mine = ours[name]
+        assert (mine.type, mine.documentation) == (family.type, family.documentation), name
+        assert [s.name for s in mine.samples] == [s.name for s in family.samples], name
+        assert [s.labels for s in mine.samples if not name.startswith("python_gc")] == \
+               [s.labels for s in family.samples if not name.startswith("python_gc")], name
+    value = {name: family.samples[0].value for name, family in ours.items()}
+    reference_value = {name: family.samples[0].value for name, family in theirs.items()}
+    for exact in ("process_start_time_seconds", "process_max_fds", "python_info"):
+        assert value[exact] == pytest.approx(reference_value[exact], abs=0.02), exact
+    for close in ("process_virtual_memory_bytes", "process_resident_memory_bytes"):
+        assert value[close] == pytest.approx(reference_value[close], rel=0.1), close
+    assert value["process_cpu_seconds"] == pytest.approx(reference_value["process_cpu_seconds"], abs=0.5)
+    assert abs(value["process_open_fds"] - reference_value["process_open_fds"]) <= 2
