@@ -76,15 +76,21 @@ class _One:
         return [self.metric]
 
 
+def _remembered(cache, key, make):
+    """cache[key], made by make() the first time; a cache grown past _MAX_REMEMBERED starts over."""
+    text = cache.get(key)
+    if text is None:
+        if len(cache) > _MAX_REMEMBERED:
+            cache.clear()
+        text = cache[key] = make()
+    return text
+
+
 def _head(name, kind, documentation):
-    key = (name, kind, documentation)
-    head = _heads.get(key)
-    if head is None:
-        if len(_heads) > _MAX_REMEMBERED:
-            _heads.clear()
+    def make():
         doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
-        head = _heads[key] = f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
-    return head
+        return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+    return _remembered(_heads, (name, kind, documentation), make)
 
 
 def _family(metric, out):
@@ -121,14 +127,10 @@ _sample_texts = {}   # (sample name, label names, label values) -> the sample li
 
 
 def _sample_text(name, labels, values):
-    key = (name, labels, values)
-    text = _sample_texts.get(key)
-    if text is None:
-        if len(_sample_texts) > _MAX_REMEMBERED:
-            _sample_texts.clear()
+    def make():
         pairs = ",".join(f'{label}="{_escape(value)}"' for label, value in sorted(zip(labels, values)))
-        text = _sample_texts[key] = f"{name}{{{pairs}}} " if pairs else f"{name} "
-    return text
+        return f"{name}{{{pairs}}} " if pairs else f"{name} "
+    return _remembered(_sample_texts, (name, labels, values), make)
 
 
 def write(families, out):
