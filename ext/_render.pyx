@@ -7,8 +7,6 @@ through, and a backslash, a control character or any byte that is not valid
 UTF-8 becomes the text \\xNN: the mapping is one-to-one.
 """
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.object cimport PyObject
-from cpython.ref cimport Py_XDECREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
@@ -18,12 +16,6 @@ from libc.string cimport memset
 
 from rawbpf cimport (TCPMON_COMM_LEN, TCPMON_LATENCY_SLOTS, TCPMON_RESULT_COUNT, TCPMON_RESULT_SUCCESS,
                      tcpmon_comm_key, tcpmon_outcome_value, tcpmon_pid_value)
-
-cdef extern from "Python.h":
-    # The raw forms: _Lines owns the only reference until it shrinks the object to its size.
-    PyObject *PyBytes_FromStringAndSize_raw "PyBytes_FromStringAndSize"(const char *, Py_ssize_t)
-    char *PyBytes_AS_STRING(PyObject *) nogil
-    int _PyBytes_Resize(PyObject **, Py_ssize_t) except -1
 
 cdef const char *HEX = b"0123456789abcdef"
 cdef enum:
@@ -131,31 +123,51 @@ def comm_label(bytes comm):
     return text[:put_comm(text, padded, False)].decode("utf-8")
 
 
+cdef char *_spare = NULL      # the largest _Lines buffer so far, kept for the next one
+cdef size_t _spare_size = 0
+
+
 cdef class _Lines:
-    """Sample lines written straight into a bytes object sized for the worst case, shrunk to
-    what was written at the end: the lines are copied once, into the body (at 100k PIDs a copy
-    is about 5 MB)."""
-    cdef PyObject *text
+    """Sample lines in a buffer sized for the worst case, copied once into bytes at the end.
+
+    The buffer is kept for the next call (_spare; taken and given back with the GIL held): a
+    fresh one of that size would come from mmap, and the kernel would fault in and zero every
+    page written, on every scrape (about 1,200 pages at 100k PIDs).  The exact-size bytes are
+    recycled by malloc."""
     cdef char *buf
+    cdef size_t size
     cdef size_t used
     cdef bytes opening     # name{comm="
     cdef const char *open_at
     cdef size_t open_len
 
     def __cinit__(self, bytes name, Py_ssize_t count):
+        global _spare, _spare_size
         # name{comm="<comm>",pid="<u32>"} <u64>\n
         cdef size_t line_max = len(name) + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT
-        self.text = PyBytes_FromStringAndSize_raw(NULL, line_max * count)
-        if self.text == NULL:
-            raise MemoryError()
-        self.buf = PyBytes_AS_STRING(self.text)
+        cdef size_t need = line_max * count + 1
+        if _spare != NULL and _spare_size >= need:
+            self.buf, self.size = _spare, _spare_size
+            _spare, _spare_size = NULL, 0
+        else:
+            self.buf = <char *>malloc(need)
+            if self.buf == NULL:
+                raise MemoryError()
+            self.size = need
         self.used = 0
         self.opening = name + b'{comm="'
         self.open_at = self.opening
         self.open_len = len(self.opening)
 
     def __dealloc__(self):
-        Py_XDECREF(self.text)
+        global _spare, _spare_size
+        if self.buf == NULL:
+            return
+        if self.size > _spare_size:
+            free(_spare)
+            _spare, _spare_size = self.buf, self.size
+        else:
+            free(self.buf)
 
     cdef inline void sample(self, const char *comm, const uint32_t *pid, uint64_t value) noexcept nogil:
         """name{comm="...",pid="..."} value, without the pid label when `pid` is NULL."""
@@ -174,11 +186,7 @@ cdef class _Lines:
         self.used = at + 1 - self.buf
 
     cdef bytes take(self):
-        _PyBytes_Resize(&self.text, self.used)
-        result = <bytes>self.text
-        Py_XDECREF(self.text)
-        self.text = NULL
-        return result
+        return PyBytes_FromStringAndSize(self.buf, self.used)
 
 
 cdef void check_buffers(const unsigned char[::1] keys, size_t key_size,
