@@ -438,35 +438,39 @@ ANALYSIS = {
   quiet); any real connect, with a peer and a handshake, makes the same probe cost a smaller fraction.""",
     "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
-Where a 10k scrape's time goes beyond the floor, measured in-process right beside a real kept-alive
-scrape (medians of 100, the same 10k map with 100 outcome entries, this machine at a load average of
-several hundred from other agents' jobs): floor of every scraped map 5.7 ms; the collector's read
-(`Collector.snapshot`, the same batch reads plus the copies into `bytes` and the pin inspection) 6.2 ms;
-the render 2.0-2.6 ms, of which the per-PID family 0.72 ms (Cython), the outcome families 0.28 ms,
-the small families 0.41 ms and the process metrics 0.34-0.41 ms (prometheus-client's collectors and
-the text); the whole HTTP scrape 12.2 ms, so about 3.4 ms is the server and the transfer of the
-0.86 MB body (a request for the tiny index page alone takes 1.2 ms at that load). The outcome families
-of 100 (cgroup, comm) entries are about 350 KB of that body: 34 lines each (6 results, 28 histogram
-lines), as much text as about 6,000 PID series. `perf record` of the worker: about 40% of its CPU is
-the kernel's batch lookup and copy to user space (the floor's own work), about 30% the interpreter.
+Where a 10k scrape's time goes beyond the floor, on a quiet machine (the same 10k map with 100
+outcome entries; medians): floor 2.7 ms; the worker's own read of the same maps
+(`tcpmon_scrape_duration_seconds`) about 0.3 ms more (the pin inspection for the probe-state families
+and the copies into `bytes`); the render about 0.6 ms in-process (per-PID lines 0.26 ms in Cython,
+the outcome families 0.13 ms, the small families 0.06 ms, this process's metrics 0.08 ms); the rest
+is serving: the hand-over to a native thread and back (about 0.3-0.5 ms: an inline read measured
+0.5 ms faster under load, but health must never wait behind a scrape), gunicorn's request parsing and
+response (a request for the tiny index page takes 0.27 ms end to end), and moving the 0.86 MB body
+between two processes over loopback (0.8-1.0 ms measured with a plain socket server sending the same
+number of bytes to the same client). The outcome families of 100 (cgroup, comm) entries are about
+350 KB of that body (34 lines each).
 
-**Applied** (measured in-process on the same data): the outcome grouping (labels and cap) reused while
-the keys and their cgroups' labels stay the same (`Renderer._groups`), and one room check and one copy
-per sample line in Cython (`_sample`, `_Text.take`): the outcome families 1.0-1.3 ms -> 0.28-0.33 ms;
-the small families and process metrics written by `tcpmon.textformat` (byte for byte generate_latest's
-output, without its per-sample name escaping and with header and label text remembered); one hand-over
-to a native thread per scrape instead of two (`Collector.snapshot_then`).
+**Applied in this run's code**: the small families as `Family` tuples written straight to text
+(byte for byte what `generate_latest` writes, checked by a test), this process's metrics read in one
+pass of /proc/self/stat (checked against prometheus-client's collectors), the body sent as its parts
+(never joined), per-PID lines with two-digit conversion into a buffer kept for the next scrape, and
+malloc told to keep freed buffers below 64 MB: glibc had been handing the large buffers back to the
+kernel, so every scrape page-faulted about 123 pages at 10k and 1,228 at 100k. Render 1.95 ms ->
+0.63 ms in-process; earlier: the outcome grouping reused while keys and labels stay the same, one
+hand-over per scrape (`Collector.snapshot_then`).
 
-**Proposed next**: the small families as text written straight from the Snapshot (no prometheus-client
-Metric objects, about 0.3 ms), the process metrics read from /proc/self/stat directly (about 0.2 ms);
-the server side of a 0.86 MB response (gunicorn's gevent worker writes it with one sendall; a larger
-SO_SNDBUF on the metrics socket would let it go out without waiting for the reader). On this shared
-2-CPU machine the floor itself swings 3-5× between runs, so this ratio is only comparable within a run.""",
+**Not reached here**: the remaining 0.7× above the floor at 10k is mostly fixed per-scrape cost
+(hand-over, HTTP, the body's transfer), which at 10k is as large as a third of the floor. Candidates
+not done: empty attribution labels left out (about 14% of this body), overlapping the per-PID
+render with the reads of the other maps on the second CPU (hides cost, does not remove it). On this
+shared 2-CPU machine the floor itself swings 3-5× between runs, so this ratio is only comparable
+within a run.""",
     "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)
 
 At 100k the floor (the kernel walking a 131072-bucket hash and copying 2.8 MB) dominates; the scrape
-adds the per-PID rendering (about 4-5 ms, Cython, GIL released), the bytes copies of the buffers
-(about 0.5 ms) and the same fixed costs as at 10k (see above).""",
+adds the per-PID rendering (about 3 ms, Cython, GIL released), the transfer of the 5.4 MB body (about
+3 ms between two processes), the bytes copies of the buffers (about 0.5 ms) and the same fixed costs
+as at 10k (see above).""",
     "scrape 100k map ÷": """### 100k ÷ 10k
 
 Reading the map is most of a large scrape, and the kernel's batch lookup does not scale linearly here:
