@@ -81,7 +81,7 @@ class Renderer:
         small = _SnapshotFamilies(snapshot, self.attribution)
         if openmetrics:
             registry = CollectorRegistry(auto_describe=False)
-            registry.register(small)
+            registry.register(textformat.ClientCollector(small.families))
             process = process_registry or textformat.ClientCollector(processmetrics.families)
             return parts + [openmetrics_format.generate_latest(registry).replace(_EOF, b""),
                             openmetrics_format.generate_latest(process).replace(_EOF, b""), _EOF]
@@ -240,14 +240,11 @@ def _labels(names, values):
 
 
 class _SnapshotFamilies:
-    """The small families of one snapshot: Family tuples, or prometheus-client's families (collect)."""
+    """The small families of one snapshot, as Family tuples."""
 
     def __init__(self, snapshot, attribution):
         self.snapshot = snapshot
         self.attribution = attribution
-
-    def collect(self):
-        return map(textformat.to_client, self.families())
 
     def families(self):
         snap = self.snapshot

@@ -76,21 +76,23 @@ class _One:
         return [self.metric]
 
 
-def _remembered(cache, key, make):
-    """cache[key], made by make() the first time; a cache grown past _MAX_REMEMBERED starts over."""
+def _remembered(cache, make, *key):
+    """cache[key], made by make(*key) the first time; a cache grown past _MAX_REMEMBERED starts over."""
     text = cache.get(key)
     if text is None:
         if len(cache) > _MAX_REMEMBERED:
             cache.clear()
-        text = cache[key] = make()
+        text = cache[key] = make(*key)
     return text
 
 
+def _make_head(name, kind, documentation):
+    doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
+    return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
+
+
 def _head(name, kind, documentation):
-    def make():
-        doc = documentation.replace("\\", r"\\").replace("\n", r"\n")
-        return f"# HELP {name} {doc}\n# TYPE {name} {kind}\n"
-    return _remembered(_heads, (name, kind, documentation), make)
+    return _remembered(_heads, _make_head, name, kind, documentation)
 
 
 def _family(metric, out):
@@ -126,11 +128,9 @@ _sample_texts = {}   # (sample name, label names, label values) -> the sample li
 #                      labels sorted by name as generate_latest writes them
 
 
-def _sample_text(name, labels, values):
-    def make():
-        pairs = ",".join(f'{label}="{_escape(value)}"' for label, value in sorted(zip(labels, values)))
-        return f"{name}{{{pairs}}} " if pairs else f"{name} "
-    return _remembered(_sample_texts, (name, labels, values), make)
+def _make_sample_text(name, labels, values):
+    pairs = ",".join(f'{label}="{_escape(value)}"' for label, value in sorted(zip(labels, values)))
+    return f"{name}{{{pairs}}} " if pairs else f"{name} "
 
 
 def write(families, out):
@@ -140,7 +140,8 @@ def write(families, out):
         name = family.name + suffix
         out.append(_head(name, kind, family.help))
         for values, value in family.samples:
-            out.append(f"{_sample_text(name, family.labels, values)}{_value(value)}\n")
+            out.append(f"{_remembered(_sample_texts, _make_sample_text, name, family.labels, values)}"
+                       f"{_value(value)}\n")
     return out
 
 

@@ -44,13 +44,9 @@ def caps(helm):
 
 
 @pytest.fixture
-def pin_dir_for_caps(node_mounts):
+def pin_dir_for_caps(node_mounts, fresh_pin_dir):
     """A private pin dir on the host's bpffs, which these containers cannot mount themselves."""
-    path = f"/sys/fs/bpf/tcpmon-deploy-{os.getpid()}-{secrets.token_hex(3)}"
-    yield path
-    tcpmon_loader.unload(path)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
+    return fresh_pin_dir
 
 
 def test_setpriv_limits_root_to_the_given_capabilities():

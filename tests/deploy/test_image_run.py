@@ -20,8 +20,7 @@ import pytest
 from conftest import Connector, free_port, http_get, unique_comm
 from deploylib import REPO, helm_template
 from metrics import comm_total, pid_value
-from tcpmon import __version__, mounts, state
-from tcpmon import loader as tcpmon_loader
+from tcpmon import __version__, state
 from tcpmon.pins import Pins
 
 BUILD = REPO / "scripts" / "build-image.sh"
@@ -83,21 +82,10 @@ def images(podman):
     return IMAGE
 
 
-@pytest.fixture(scope="module")
-def host_fs():
-    """The host's bpffs and tracefs, which the chart's hostPath volumes bind: a fresh host has
-    neither mounted (systemd would mount them at boot); mounted as `tcpmon load` would."""
-    mounts.ensure_bpffs(os.path.join(mounts.BPFFS, "tcpmon"))
-    mounts.ensure_tracefs()
-
-
 @pytest.fixture
-def pin_dir(host_fs):
-    path = f"/sys/fs/bpf/tcpmon-test-{os.getpid()}-image-{secrets.token_hex(3)}"
-    yield path
-    tcpmon_loader.unload(path)
-    if os.path.isdir(path):
-        shutil.rmtree(path)
+def pin_dir(node_mounts, fresh_pin_dir):
+    """A private pin dir on the host's bpffs, mounted as on a node (the chart binds its hostPath)."""
+    return fresh_pin_dir
 
 
 @pytest.fixture
