@@ -6,9 +6,10 @@ comms must never share a label (duplicate series).  So valid UTF-8 passes
 through, and a backslash, a control character or any byte that is not valid
 UTF-8 becomes the text \\xNN: the mapping is one-to-one.
 """
-from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from libc.stdint cimport uint32_t, uint64_t
-from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 from libc.stdint cimport int32_t
@@ -55,9 +56,76 @@ cdef inline size_t put_hex_byte(char *out, unsigned char c, bint escape) noexcep
     return o + 4
 
 
+cdef extern from *:
+    """
+    #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    #define TCPMON_LITTLE_ENDIAN 1
+    #else
+    #define TCPMON_LITTLE_ENDIAN 0
+    #endif
+    #define TCPMON_ONES 0x0101010101010101ULL
+    #define TCPMON_HIGHS 0x8080808080808080ULL
+    #define TCPMON_FILLER 0x4141414141414141ULL
+    """
+    bint TCPMON_LITTLE_ENDIAN
+    int __builtin_ctzll(unsigned long long) noexcept nogil
+    const uint64_t ONES "TCPMON_ONES"
+    const uint64_t HIGHS "TCPMON_HIGHS"
+    const uint64_t FILLER "TCPMON_FILLER"   # "AAAAAAAA": plain bytes in place of those past the NUL
+
+
+cdef inline uint64_t zero_bytes(uint64_t x) noexcept nogil:
+    """The high bit of x's first zero byte is the lowest bit set (0: no zero byte)."""
+    return (x - ONES) & ~x & HIGHS
+
+
+cdef inline bint plain_word(uint64_t x) noexcept nogil:
+    """Every byte of x is printable ASCII other than a backslash or a quote: written as it is."""
+    return (((x - 0x20 * ONES) & ~x)             # a byte below 0x20
+            | ((x + ONES) | x)                    # a byte above 0x7e
+            | zero_bytes(x ^ (0x5c * ONES))       # a backslash
+            | zero_bytes(x ^ (0x22 * ONES))) & HIGHS == 0   # a quote
+
+
+cdef inline uint64_t first_bytes(uint64_t word, uint64_t zero, size_t *length) noexcept nogil:
+    """word with the bytes from its first zero byte on replaced by FILLER; adds the bytes
+    before it to `length`."""
+    cdef int n
+    if zero == 0:
+        length[0] += 8
+        return word
+    n = __builtin_ctzll(zero) >> 3
+    length[0] += n
+    if n == 0:
+        return FILLER
+    return (word & ((1ULL << (8 * n)) - 1)) | (FILLER & ~((1ULL << (8 * n)) - 1))
+
+
+cdef inline size_t put_plain_comm(char *out, const unsigned char *comm) noexcept nogil:
+    """Most comms are plain printable ASCII: then their bytes up to the NUL, copied 16 at a time
+    (the caller has room), and their length; else 0 (an empty comm also gives 0)."""
+    cdef uint64_t w0, w1
+    cdef size_t length = 0
+    if not TCPMON_LITTLE_ENDIAN:
+        return 0
+    memcpy(&w0, comm, 8)
+    memcpy(&w1, comm + 8, 8)
+    w0 = first_bytes(w0, zero_bytes(w0), &length)
+    if length == 8:
+        w1 = first_bytes(w1, zero_bytes(w1), &length)
+    else:
+        w1 = FILLER
+    if not (plain_word(w0) and plain_word(w1)):
+        return 0
+    memcpy(out, comm, TCPMON_COMM_LEN)
+    return length
+
+
 cdef size_t put_comm(char *out, const unsigned char *comm, bint escape) noexcept nogil:
     """Write the label text of a NUL-terminated comm; with `escape`, in exposition escaping."""
-    cdef size_t length = 0, i = 0, o = 0, seq
+    cdef size_t length = put_plain_comm(out, comm), i = 0, o = 0, seq
+    if length:
+        return length
     cdef unsigned char c
     while length < TCPMON_COMM_LEN and comm[length] != 0:
         length += 1
@@ -123,51 +191,36 @@ def comm_label(bytes comm):
     return text[:put_comm(text, padded, False)].decode("utf-8")
 
 
-cdef char *_spare = NULL      # the largest _Lines buffer so far, kept for the next one
-cdef size_t _spare_size = 0
+cdef extern from "Python.h":
+    int _PyBytes_Resize(PyObject **bytes, Py_ssize_t newsize) except -1
 
 
 cdef class _Lines:
-    """Sample lines in a buffer sized for the worst case, copied once into bytes at the end.
-
-    The buffer is kept for the next call (_spare; taken and given back with the GIL held): a
-    fresh one of that size would come from mmap, and the kernel would fault in and zero every
-    page written, on every scrape (about 1,200 pages at 100k PIDs).  The exact-size bytes are
-    recycled by malloc."""
+    """Sample lines written straight into a bytes object sized for the worst case, cut to what
+    was written at the end: realloc shrinks it in place, so the lines are never copied (at 100k
+    PIDs a copy was 5 MB per scrape).  The exporter keeps freed memory for the next scrape
+    (tcpmon.server.keep_freed_memory), so the pages are not faulted in anew each time."""
+    cdef PyObject *body    # owned until take()
     cdef char *buf
-    cdef size_t size
     cdef size_t used
     cdef bytes opening     # name{comm="
     cdef const char *open_at
     cdef size_t open_len
 
     def __cinit__(self, bytes name, Py_ssize_t count):
-        global _spare, _spare_size
         # name{comm="<comm>",pid="<u32>"} <u64>\n
         cdef size_t line_max = len(name) + 18 + TCPMON_COMM_LEN * MAX_BYTE_TEXT + 2 * MAX_U64_TEXT
-        cdef size_t need = line_max * count + 1
-        if _spare != NULL and _spare_size >= need:
-            self.buf, self.size = _spare, _spare_size
-            _spare, _spare_size = NULL, 0
-        else:
-            self.buf = <char *>malloc(need)
-            if self.buf == NULL:
-                raise MemoryError()
-            self.size = need
+        body = PyBytes_FromStringAndSize(NULL, line_max * count + 1)
+        Py_INCREF(body)
+        self.body = <PyObject *>body
+        self.buf = PyBytes_AS_STRING(body)
         self.used = 0
         self.opening = name + b'{comm="'
         self.open_at = self.opening
         self.open_len = len(self.opening)
 
     def __dealloc__(self):
-        global _spare, _spare_size
-        if self.buf == NULL:
-            return
-        if self.size > _spare_size:
-            free(_spare)
-            _spare, _spare_size = self.buf, self.size
-        else:
-            free(self.buf)
+        Py_XDECREF(self.body)
 
     cdef inline void sample(self, const char *comm, const uint32_t *pid, uint64_t value) noexcept nogil:
         """name{comm="...",pid="..."} value, without the pid label when `pid` is NULL."""
@@ -186,7 +239,12 @@ cdef class _Lines:
         self.used = at + 1 - self.buf
 
     cdef bytes take(self):
-        return PyBytes_FromStringAndSize(self.buf, self.used)
+        cdef PyObject *body = self.body
+        self.body = NULL
+        _PyBytes_Resize(&body, self.used)   # on failure it frees the object and raises
+        lines = <bytes>body
+        Py_DECREF(lines)   # the reference owned since __cinit__; `lines` holds its own
+        return lines
 
 
 cdef void check_buffers(const unsigned char[::1] keys, size_t key_size,

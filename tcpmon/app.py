@@ -23,6 +23,7 @@ log = logging.getLogger("tcpmon.app")
 _METHODS = ("GET", "HEAD")
 _GZIP_LEVEL = 1   # what Prometheus' Go client uses: most of the saving for a fraction of the CPU
 _GZIP_WBITS = 16 + zlib.MAX_WBITS   # a gzip member (header and trailer), as gzip.compress writes
+_SMALL_PART = 64 << 10   # body parts below this are joined with their neighbours before sending
 
 
 def _reply(status, body, content_type="text/plain; charset=utf-8"):
@@ -32,13 +33,30 @@ def _reply(status, body, content_type="text/plain; charset=utf-8"):
     return status, [("Content-Type", content_type)], [body] if isinstance(body, bytes) else body
 
 
+def coalesce(parts, small=_SMALL_PART):
+    """`parts` with every run of small ones joined: each part is a send, and a segment the client
+    wakes up for.  A big part is never copied."""
+    out, run = [], []
+    for part in parts:
+        if len(part) < small:
+            run.append(part)
+            continue
+        if run:
+            out.append(b"".join(run))
+            run = []
+        out.append(part)
+    if run:
+        out.append(b"".join(run))
+    return out
+
+
 def encode(render, snapshot, openmetrics, compress, process_registry=None):
     """The /metrics body of `snapshot` as a list of bytes, gzipped when `compress`: the CPU-heavy
-    part of a scrape.  The parts are sent in turn, never joined (a copy of the whole body)."""
+    part of a scrape.  The big parts are sent in turn, never joined (a copy of the whole body)."""
     extra = {"process_registry": process_registry} if process_registry is not None else {}
     parts = render(snapshot, openmetrics=openmetrics, **extra)
     if not compress:
-        return parts
+        return coalesce(parts)
     gzipper = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
     return [*map(gzipper.compress, parts), gzipper.flush()]
 

@@ -13,14 +13,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from tcpmon import maps, state
+from tcpmon import maps, processmetrics, state
 from tcpmon.errors import describe
 from tcpmon.pins import DEFAULT_PIN_DIR, Pins
+from tcpmon.sidethread import run_here
 
 log = logging.getLogger("tcpmon.collector")
 
 # What a scrape reads.  `sockets` only holds connects in flight: status and dump show it.
 SCRAPED = (maps.CONNECTS, maps.COMM_TOTALS, maps.OUTCOMES, maps.DESTINATIONS, maps.UPDATE_FAILURES)
+# The one that takes most of a read (one entry per PID, the kernel's time outside the GIL): the
+# others are read on the side thread meanwhile.
+BIGGEST = maps.CONNECTS
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ class Snapshot:
     bpf_stats_enabled: bool = False
     duration: float = 0.0
     last_error: str = None
+    process: tuple = ()   # this process's own metrics (tcpmon.processmetrics), read with the maps
 
     @property
     def connects(self):
@@ -78,10 +83,13 @@ def _run_here(fn, *args):
 
 
 class Collector:
-    def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here):
+    def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here, beside=run_here):
+        """`offload(fn, *args)` runs a read in a native thread and returns its result;
+        `beside(fn, *args)` starts one beside the caller (a tcpmon.sidethread.SideThread's start)."""
         self.pins = Pins(pin_dir)
         self.read_mode = read_mode
         self._offload = offload
+        self._beside = beside
         self._latest_at = None    # (Snapshot, time.monotonic() when it was read) of the last scrape
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
@@ -237,19 +245,26 @@ class Collector:
         if stale:
             stale[0].close()
 
+    def _read_others(self):
+        """Every map but the biggest, the probe's state and this process's metrics: Python work,
+        done while the biggest read waits outside the GIL for the kernel."""
+        return ({spec: self._read_map(spec) for spec in SCRAPED if spec is not BIGGEST},
+                state.inspect(self.pins), tuple(processmetrics.families()))
+
     def _read(self):
         started = time.perf_counter()
-        reads = {}
-        for spec in SCRAPED:
-            read = self._read_map(spec)
-            if read is not None:
-                reads[spec.name] = read
+        beside = self._beside(self._read_others)
+        try:
+            biggest = self._read_map(BIGGEST)
+        finally:
+            others, probe_state, process = beside.result()
+        others[BIGGEST] = biggest
+        reads = {spec.name: others[spec] for spec in SCRAPED if others[spec] is not None}
         failures = reads.pop(maps.UPDATE_FAILURES.name, None)
         failures = maps.failures_by_map(failures) if failures else None
-        probe_state = state.inspect(self.pins)
         if len(reads) == len(SCRAPED) - 1 and failures is not None:
             self._last_error = None
         return Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
                         read_truncations=dict(self._truncations), probe_state=probe_state,
                         bpf_stats_enabled=state.bpf_stats_enabled(), duration=time.perf_counter() - started,
-                        last_error=self._last_error)
+                        last_error=self._last_error, process=process)

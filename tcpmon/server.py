@@ -6,7 +6,8 @@ few kilobytes and no thread.  Each port of a worker holds at most
 deliver a complete request (and its TLS handshake) within `read_timeout`
 seconds of its accept or of its previous response, or it is closed.  The map
 read, rendering, gzip and bcrypt run in native threads (the Cython reader and
-renderer release the GIL), so the event loop keeps serving health meanwhile.
+renderer release the GIL), so the event loop keeps serving health meanwhile; a
+scrape also uses a second one, a SideThread, for its Python parts.
 docs/ARCHITECTURE.md says why this design.
 """
 import ctypes
@@ -32,6 +33,7 @@ from tcpmon.app import make_app
 from tcpmon.attribution import Attributor, Config
 from tcpmon.collector import Collector
 from tcpmon.serve_options import MAX_CONNECTIONS, READ_TIMEOUT, THREADS, split_addr
+from tcpmon.sidethread import SideThread
 from tcpmon.workers import PerWorker, WorkerSlots
 
 log = logging.getLogger("tcpmon.server")
@@ -303,9 +305,13 @@ class Exporter(BaseApplication):
             self.web = web.WebState(self.web_config_file, run_bcrypt=ThreadPool(1).apply)
         if self.slots is not None:
             self.per_worker = PerWorker(self.slots, self.slot_index)
-        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload)
+        # A real thread beside the scrape's: the small maps and families are done there while
+        # the scrape's own thread reads and writes the connects map outside the GIL.
+        beside = SideThread(monkey.get_original("_thread", "start_new_thread"),
+                            monkey.get_original("_thread", "allocate_lock")).start
+        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload, beside=beside)
         attributor = Attributor(self.attribution or Config(labels=()))
-        renderer = exposition.Renderer(attributor, networks=self.networks)
+        renderer = exposition.Renderer(attributor, networks=self.networks, beside=beside)
         render_lock = monkey.get_original("threading", "Lock")()   # a real one: taken in native threads
 
         def render(snapshot, **kwargs):

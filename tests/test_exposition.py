@@ -323,6 +323,16 @@ def test_comm_label_is_the_documented_rule_and_invertible(comm):
     assert comm_label(comm + b"\0" + b"junk") == label
 
 
+def test_comm_label_of_every_byte_at_every_position():
+    """The word-at-a-time path for plain comms against the rule, byte by byte: each of the 256
+    byte values at each of the 16 positions, between plain bytes, with junk past a NUL."""
+    for position in range(16):
+        for byte in range(256):
+            for tail in (b"", b"z" * 16, b"\0\x01\\\"\xff" * 4):
+                comm = (b"p" * position + bytes([byte]) + tail)[:16]
+                assert comm_label(comm) == reference_label(comm), comm
+
+
 @settings(max_examples=1000, deadline=None)
 @given(comm_content, comm_content)
 def test_comm_label_is_injective(first, second):
