@@ -15,7 +15,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -496,54 +495,6 @@ class Scraper:
 
     def close(self):
         self.conn.close()
-
-
-class LeanScraper:
-    """GET /metrics over one kept-alive connection, read as lean as the C floor reads its maps:
-    recv_into one buffer allocated once, the status line and Content-Length parsed, nothing
-    else.  http.client's header parsing and a fresh bytes object per response cost this client
-    about 0.5 ms at 10k PIDs, which is no part of the server's scrape.  Returns the body as a
-    memoryview into that buffer (valid until the next call)."""
-
-    def __init__(self, port, path="/metrics", timeout=120, capacity=64 << 20):
-        self.port, self.path, self.timeout = port, path, timeout
-        self.request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
-        self.buffer = bytearray(capacity)
-        self.view = memoryview(self.buffer)
-        self.sock = None
-
-    def __call__(self):
-        if self.sock is None:
-            self.sock = socket.create_connection(("127.0.0.1", self.port), timeout=self.timeout)
-        self.sock.sendall(self.request)
-        got, body_at, length = 0, None, None
-        while body_at is None or got < body_at + length:
-            n = self.sock.recv_into(self.view[got:])
-            if n == 0:
-                raise RuntimeError(f"GET :{self.port}{self.path}: the server closed after {got} bytes")
-            got += n
-            if body_at is None:
-                body_at, length = self._head(got)
-        return self.view[body_at:body_at + length]
-
-    def _head(self, got):
-        """(where the body starts, its length) once the whole head is in, else (None, None)."""
-        end = self.buffer.find(b"\r\n\r\n", 0, got)
-        if end < 0:
-            return None, None
-        head = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
-        if not head[0].startswith("HTTP/1.1 200 "):
-            raise RuntimeError(f"GET :{self.port}{self.path}: {head[0]}")
-        fields = dict(line.split(":", 1) for line in head[1:])
-        lengths = [value for name, value in fields.items() if name.lower() == "content-length"]
-        if not lengths:
-            raise RuntimeError(f"GET :{self.port}{self.path}: no Content-Length in {head}")
-        return end + 4, int(lengths[0])
-
-    def close(self):
-        if self.sock is not None:
-            self.sock.close()
-            self.sock = None
 
 
 def get(port, path="/metrics", timeout=120):
