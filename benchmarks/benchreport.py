@@ -438,39 +438,42 @@ ANALYSIS = {
   quiet); any real connect, with a peer and a handshake, makes the same probe cost a smaller fraction.""",
     "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
-Where a 10k scrape's time goes beyond the floor, on a quiet machine (the same 10k map with 100
-outcome entries; medians): floor 2.7 ms; the worker's own read of the same maps
-(`tcpmon_scrape_duration_seconds`) about 0.3 ms more (the pin inspection for the probe-state families
-and the copies into `bytes`); the render about 0.6 ms in-process (per-PID lines 0.26 ms in Cython,
-the outcome families 0.13 ms, the small families 0.06 ms, this process's metrics 0.08 ms); the rest
-is serving: the hand-over to a native thread and back (about 0.3-0.5 ms: an inline read measured
-0.5 ms faster under load, but health must never wait behind a scrape), gunicorn's request parsing and
-response (a request for the tiny index page takes 0.27 ms end to end), and moving the 0.86 MB body
-between two processes over loopback (0.8-1.0 ms measured with a plain socket server sending the same
-number of bytes to the same client). The outcome families of 100 (cgroup, comm) entries are about
-350 KB of that body (34 lines each).
+Where a 10k scrape's time goes, on a quiet machine (the same 10k map with 100 outcome entries;
+medians): the floor 2.55-2.65 ms. The worker's read of the same maps is 2.66 ms: the scrape's
+thread reads `connects` outside the GIL while a side thread (`tcpmon.sidethread`) reads the other
+maps, the probe's pins and this process's metrics (0.3 ms of Python, hidden; 2.94 ms when done in
+turn). The render is 0.40 ms: the per-PID lines, 0.21 ms in Cython without the GIL, while the side
+thread renders the outcome families; then the small families (0.09 ms). Serving adds the rest: the
+hand-over to a native thread and back (about 0.15 ms), gunicorn's request parsing and response head
+(about 0.27 ms: the time to first byte minus the app's own), and the 0.74 MB body's transfer over
+loopback (about 0.38 ms from the first byte to the last). Scraped back to back, without the floor
+between, that is 3.9-4.0 ms, about 1.5× the floor.
 
-**Applied in this run's code**: the small families as `Family` tuples written straight to text
-(byte for byte what `generate_latest` writes, checked by a test), this process's metrics read in one
-pass of /proc/self/stat (checked against prometheus-client's collectors), the body sent as its parts
-(never joined), per-PID lines with two-digit conversion into a buffer kept for the next scrape, and
-malloc told to keep freed buffers below 64 MB: glibc had been handing the large buffers back to the
-kernel, so every scrape page-faulted about 123 pages at 10k and 1,228 at 100k. Render 1.95 ms ->
-0.63 ms in-process; earlier: the outcome grouping reused while keys and labels stay the same, one
-hand-over per scrape (`Collector.snapshot_then`).
+**Why this row shows more**: here the floor runs in the client right before every scrape, so the
+exporter's two CPUs sit idle for 2.6 ms each time. A plain 2.6 ms sleep in the floor's place slows
+the worker's own read by the same 0.45 ms (2.66 -> 3.12 ms), and perf stat counts 986 CPU migrations
+of the worker in 300 such scrapes against 21 in 300 back to back: the scheduler moves the woken
+threads to the other CPU, away from the private caches that hold the map. The floor itself reads
+0.2 ms slower after a 3 ms sleep. A real Prometheus scrapes every 15 s, so in production every
+scrape starts on idle CPUs.
 
-**Not reached here**: the remaining 0.7× above the floor at 10k is mostly fixed per-scrape cost
-(hand-over, HTTP, the body's transfer), which at 10k is as large as a third of the floor. Candidates
-not done: empty attribution labels left out (about 14% of this body), overlapping the per-PID
-render with the reads of the other maps on the second CPU (hides cost, does not remove it). On this
-shared 2-CPU machine the floor itself swings 3-5× between runs, so this ratio is only comparable
-within a run.""",
+**Applied in this run's code**: the side thread; plain comms copied a word at a time (the per-PID
+render 0.38 -> 0.21 ms); the per-PID lines written straight into their bytes object and never
+copied; small body parts joined before sending; empty attribution labels left out of the samples
+(the body 0.86 -> 0.74 MB). Earlier: small families as `Family` tuples written straight to text, one
+pass of /proc/self/stat, the body sent as its parts, malloc keeping freed buffers (no page faults
+per scrape), the outcome grouping reused while keys and labels stay the same.
+
+**Not reached here**: what is left above the floor is fixed per-scrape cost (gunicorn, the
+hand-over, the transfer) and the idle CPUs' cold start, which no change in the exporter removes.
+On this shared 2-CPU machine the floor itself swings between runs, so this ratio is only
+comparable within a run.""",
     "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)
 
 At 100k the floor (the kernel walking a 131072-bucket hash and copying 2.8 MB) dominates; the scrape
-adds the per-PID rendering (about 3 ms, Cython, GIL released), the transfer of the 5.4 MB body (about
-3 ms between two processes), the bytes copies of the buffers (about 0.5 ms) and the same fixed costs
-as at 10k (see above).""",
+adds the per-PID rendering (about 2 ms, Cython, GIL released), the transfer of the 5 MB body (about
+3 ms between two processes), the bytes copies of the map buffers (about 0.3 ms) and the same fixed
+costs as at 10k (see above).""",
     "scrape 100k map ÷": """### 100k ÷ 10k
 
 Reading the map is most of a large scrape, and the kernel's batch lookup does not scale linearly here:
