@@ -745,13 +745,14 @@ class ProbeToggle(_OneProgram):
         super().__init__(loader.default_object(), names, [program.name for program in attach.PROGRAMS])
 
 
-def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256):
-    """Run `procfarm stream` for `seconds` while `toggle` (a ProbeToggle or NoopPrograms, loaded
-    and detached) is attached for every other `period`; closes `toggle`.
+def toggled_rate(procfarm, toggle, seconds, period=0.2, every=256, workload="refused"):
+    """Run `procfarm stream` for `seconds` (`workload`: refused connects, or accepted handshakes)
+    while `toggle` (a ProbeToggle or NoopPrograms, loaded and detached) is attached for every other
+    `period`; closes `toggle`.
     Returns {"pairs": [(without, with) CPU ns per connect of adjacent periods], "errors"}: each pair
     is two neighbouring fractions of a second, so a busy stretch of the machine hits both alike."""
     out_file = tempfile.TemporaryFile(mode="w+")   # its report is larger than a pipe holds
-    proc = subprocess.Popen(["unshare", "-n", str(procfarm), "stream", str(seconds), str(every)],
+    proc = subprocess.Popen(["unshare", "-n", str(procfarm), "stream", str(seconds), str(every), workload],
                             stdout=out_file, stderr=subprocess.PIPE, text=True)
     changes = []   # (earliest ns the new state may hold, latest ns the old state may hold, new state)
     try:

@@ -28,9 +28,10 @@
  *       this process's user + system time (the scheduler's exact run time, softirq work done on its
  *       behalf included), which a busy machine's other tasks do not inflate.
  *
- *   procfarm stream SECONDS EVERY
- *       the refused-connect loop for SECONDS, noting (CLOCK_MONOTONIC ns, this thread's CPU ns,
- *       attempts so far) every EVERY attempts; prints {"records": [[t, cpu, n], ...], "errors": E}.
+ *   procfarm stream SECONDS EVERY [refused|accept]
+ *       a connect loop for SECONDS, noting (CLOCK_MONOTONIC ns, this thread's CPU ns, attempts so
+ *       far) every EVERY attempts; prints {"records": [[t, cpu, n], ...], "errors": E}.  refused
+ *       (the default): to a closed port; accept: full handshakes as in `loop ... accept`.
  *       The benchmark attaches and detaches the probe on a schedule meanwhile, and compares the CPU
  *       per attempt of the stretches with and without it.
  *
@@ -378,11 +379,20 @@ static long long clock_ns(clockid_t id)
 	return ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static int cmd_stream(double seconds, long every)
+static int cmd_stream(double seconds, long every, const char *mode)
 {
 	long long end = clock_ns(CLOCK_MONOTONIC) + (long long)(seconds * 1e9), (*records)[3] = NULL;
 	long done = 0, errors = 0, n = 0, capacity = 0;
-	int holder, port = closed_port(&holder);
+	int holder, port = closed_port(&holder), listener = -1;
+	struct sockaddr_in addr = { .sin_family = AF_INET, .sin_port = htons(LISTEN_PORT),
+				    .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+
+	if (strcmp(mode, "accept") == 0) {
+		listener = bound_socket(LISTEN_PORT, 128);
+	} else if (strcmp(mode, "refused") != 0) {
+		fprintf(stderr, "procfarm: stream mode %s: use refused or accept\n", mode);
+		return 2;
+	}
 
 	for (;;) {
 		if (done % every == 0) {
@@ -401,7 +411,7 @@ static int cmd_stream(double seconds, long every)
 			if (t >= end)
 				break;
 		}
-		if (connect_refused(port) < 0)
+		if ((listener >= 0 ? connect_accepted(listener, &addr) : connect_refused(port)) < 0)
 			errors++;
 		done++;
 	}
@@ -422,12 +432,12 @@ int main(int argc, char **argv)
 		return cmd_hold(atoi(argv[2]), argv[3], atoi(argv[4]));
 	if (strcmp(argv[1], "churn") == 0 && argc == 7)
 		return cmd_churn(atoi(argv[2]), atoi(argv[3]), argv[4], atoi(argv[5]), argv[6]);
-	if (strcmp(argv[1], "stream") == 0 && argc == 4)
-		return cmd_stream(atof(argv[2]), atol(argv[3]));
+	if (strcmp(argv[1], "stream") == 0 && (argc == 4 || argc == 5))
+		return cmd_stream(atof(argv[2]), atol(argv[3]), argc == 5 ? argv[4] : "refused");
 	if (strcmp(argv[1], "loop") == 0 && (argc == 5 || argc == 6))
 		return cmd_loop(atol(argv[2]), atof(argv[3]), argv[4], argc == 6 ? argv[5] : NULL);
 usage:
 	fprintf(stderr, "usage: procfarm hold N PREFIX NCOMMS | churn TOTAL BATCH COMM REUSE REUSECOMM |"
-		" loop COUNT SECONDS refused|accept|mixed [COMM] | stream SECONDS EVERY\n");
+		" loop COUNT SECONDS refused|accept|mixed [COMM] | stream SECONDS EVERY [refused|accept]\n");
 	return 2;
 }

@@ -16,6 +16,9 @@ from tcpmon.errors import LoadError
 WINDOWS = (1, 10)         # (quick, full) measurement windows per mode
 CONNECTS = (2000, 20000)  # connects per window
 RATE_SECONDS = (2.0, 16.0)   # per toggled run: (quick, full)
+# (procfarm stream workload, attempts between CPU-time notes): refused connects, the cheapest there
+# are and the target; full handshakes, which cost twice the CPU and run the hook more often.
+RATE_WORKLOADS = (("refused", 256), ("accept", 64))
 
 
 def comm_total(pin_dir, comm):
@@ -194,7 +197,7 @@ def test_connect_rate(helpers, benchmark, results, full):
     """connects/s of a tight connect loop with and without the probe, stats off (as in production).
 
     One refused-connect loop runs for a while (procfarm stream) and notes its own CPU time every 256
-    attempts, while the probe (tcpmon's shipped object, loaded once) is attached and detached every
+    attempts (and then a loop of full handshakes, every 64), while the probe (tcpmon's shipped object, loaded once) is attached and detached every
     0.2 s: each "with" stretch is compared with the "without" stretch just before it, so the load of
     this shared machine, which drifts over seconds, hits both sides of every pair alike.  The same is
     done, in the same run, for an empty program on the same hook (what any program there costs) and
@@ -214,20 +217,28 @@ def test_connect_rate(helpers, benchmark, results, full):
     def measure():
         runs["idle"] = benchlib.toggled_rate(procfarm, NoopPrograms(helpers["noop"], "idle", attach=False), seconds)
         for mode in modes:
-            runs[mode] = benchlib.toggled_rate(procfarm, benchlib.ProbeToggle(mode), seconds)
-            if mode in NoopPrograms.PROGRAMS:
-                runs["noop-" + mode] = benchlib.toggled_rate(
-                    procfarm, NoopPrograms(helpers["noop"], mode, attach=False), seconds)
+            for workload, every in RATE_WORKLOADS:
+                runs[mode, workload] = benchlib.toggled_rate(procfarm, benchlib.ProbeToggle(mode), seconds,
+                                                             every=every, workload=workload)
+                if mode in NoopPrograms.PROGRAMS:
+                    runs["noop", mode, workload] = benchlib.toggled_rate(
+                        procfarm, NoopPrograms(helpers["noop"], mode, attach=False), seconds, every=every,
+                        workload=workload)
     timed(benchmark, measure, rounds=1, warmup=0)
     for name, run in runs.items():
         assert run["errors"] == 0 and run["pairs"], (name, run["errors"], len(run["pairs"]))
     if full:
         results.put(("rate_check",), _summary(_pair_ratios(runs["idle"])))
         for mode in modes:
-            cpu_ns = statistics.median(without for without, _ in runs[mode]["pairs"])
-            entry = dict(_summary(_pair_ratios(runs[mode])), cpu_ns_per_connect=cpu_ns,
-                         **{"with": 1e9 / statistics.median(with_ for _, with_ in runs[mode]["pairs"]),
-                            "without": 1e9 / cpu_ns})
-            if "noop-" + mode in runs:
-                entry["empty_program"] = _summary(_pair_ratios(runs["noop-" + mode]))
-            results.put(("rate", mode), entry)
+            for workload, _ in RATE_WORKLOADS:
+                results.put(("rate", mode) + (() if workload == "refused" else (workload,)),
+                            _rate_entry(runs[mode, workload], runs.get(("noop", mode, workload))))
+
+
+def _rate_entry(run, empty_run):
+    cpu_ns = statistics.median(without for without, _ in run["pairs"])
+    entry = dict(_summary(_pair_ratios(run)), cpu_ns_per_connect=cpu_ns,
+                 **{"with": 1e9 / statistics.median(with_ for _, with_ in run["pairs"]), "without": 1e9 / cpu_ns})
+    if empty_run is not None:
+        entry["empty_program"] = _summary(_pair_ratios(empty_run))
+    return entry
