@@ -15,6 +15,7 @@ import platform
 import re
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -287,6 +288,42 @@ class ScrapedMapsFloor:
     def close(self):
         for bpf_map in self.maps:
             bpf_map.close()
+
+
+_SERVE_FLOOR = """
+import socket, struct, sys
+sys.path[:0] = sys.argv[1:3]
+import benchlib
+floor = benchlib.ScrapedMapsFloor(benchlib.BenchLib(sys.argv[3]), sys.argv[4])
+sock = socket.socket(fileno=int(sys.argv[5]))
+while sock.recv(1):
+    sock.sendall(struct.pack("=Q", floor.read()))
+"""
+
+
+class ServedFloor:
+    """The same C batch reads in a process of their own, run when a byte arrives on a socket and
+    answered with the entry count: a floor that waits between reads, as the exporter does, so
+    that both wake on CPUs that sat idle."""
+
+    def __init__(self, lib_path, pin_dir):
+        self.sock, theirs = socket.socketpair()
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-c", _SERVE_FLOOR, str(BENCH), str(ROOT), str(lib_path),
+                                          pin_dir, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+        finally:
+            theirs.close()
+
+    def read(self):
+        self.sock.sendall(b"r")
+        answer = self.sock.recv(8, socket.MSG_WAITALL)
+        if len(answer) != 8:
+            raise RuntimeError(f"the served floor stopped (exit status {self.proc.poll()})")
+        return struct.unpack("=Q", answer)[0]
+
+    def close(self):
+        self.sock.close()
+        stop(self.proc)
 
 
 def remove_pin_dir(pin_dir):

@@ -222,39 +222,46 @@ OUTCOME_SERIES = re.compile(rb'^tcpmon_connects_total\{[^}]*result="refused"[^}]
 
 
 @pytest.mark.parametrize("size_index", [0, 1], ids=["small", "large"])
-def test_scrape_near_floor(lib, full, results, size_index):
+def test_scrape_near_floor(lib, helpers, full, results, size_index):
     """Warm kept-alive scrapes of N PIDs with the outcome families present ÷ the C batch read of
     the same maps (every map a scrape reads), timed in pairs right beside each other: floor, then
-    scrape, over and over after a warm-up; medians of each."""
+    scrape, over and over after a warm-up; medians of each.  Each round then also times the same C
+    reads served by a process of their own (benchlib.ServedFloor): a floor that, like the exporter,
+    waits between reads, shown for information."""
     n = FLOOR_SIZES[full][size_index]
     rounds, warmup = FLOOR_ROUNDS[full]
     if full and n >= 100000:
         rounds = 60
     env = LoadedMap(lib, n, "floor")
     floor = benchlib.ScrapedMapsFloor(lib, env.pin_dir)
+    served = benchlib.ServedFloor(helpers["libbpfbench"], env.pin_dir)
     scrape = Scraper(env.exporter.metrics_port)
     try:
         outcomes = benchlib.fill_outcomes(lib, env.pin_dir)
-        floor_times, scrape_times = [], []
+        floor_times, scrape_times, served_times = [], [], []
         for i in range(warmup + rounds):
             started = time.perf_counter()
             entries = floor.read()
             between = time.perf_counter()
             body = scrape()
             done = time.perf_counter()
+            assert served.read() == entries
             if i >= warmup:
                 floor_times.append(between - started)
                 scrape_times.append(done - between)
+                served_times.append(time.perf_counter() - done)
         assert entries >= n + outcomes
         assert len(PID_SERIES.findall(body)) >= n
         assert len(OUTCOME_SERIES.findall(body)) >= outcomes, "the outcome families are missing"
     finally:
         scrape.close()
+        served.close()
         floor.close()
         env.close()
     if full:
         results.put(("scrape_warm", n), {"scrape": statistics.median(scrape_times),
                                          "floor": statistics.median(floor_times),
+                                         "served_floor": statistics.median(served_times),
                                          "scrape_min": min(scrape_times), "floor_min": min(floor_times),
                                          "rounds": rounds, "outcome_entries": outcomes, "bytes": len(body)})
 
