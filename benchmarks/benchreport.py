@@ -473,16 +473,20 @@ hand-over to a native thread and back (about 0.15 ms), gunicorn's request parsin
 loopback (about 0.38 ms from the first byte to the last). Scraped back to back, without the floor
 between, that is 3.9-4.0 ms, about 1.5× the floor.
 
-**Why this row shows more**: here the floor runs in the client right before every scrape. Traced
-in the worker (`sched_getcpu` and timestamps around the connects read, 200 scrapes each way), the
-kernel's read of `connects` takes the same 2.55-2.58 ms on the same CPU whether the scrapes come
-back to back or after the floor; what changes is the start: handing the Python parts to the side
-thread and getting into that read takes 0.05 ms back to back and 0.51 ms after the floor. The side
-thread is then woken onto the CPU its caller runs on (the other one was busy a moment before), so
-its 0.3-0.5 ms of Python runs ahead of the read instead of beside it, until the scheduler moves it.
-perf stat counts 986 CPU migrations of the worker in 300 scrapes with a 2.6 ms pause between them
-and 21 in 300 back to back. The same C reads served by a process of their own, one thread that
-also waits between requests, are not slowed (the "served by a process of their own" row).
+**Why this row can show more**: here the floor runs in the client right before every scrape, and
+then where the scheduler wakes the side thread decides the scrape. Traced in the worker
+(`sched_getcpu` and timestamps around the connects read, 200 scrapes each way) with the side
+thread started by the scrape's native thread, as first written: the kernel's read of `connects`
+took the same 2.55-2.58 ms on the same CPU whether the scrapes came back to back or after the
+floor, but getting into that read took 0.05 ms back to back and 0.51 ms after the floor: the side
+thread was woken onto the CPU of the thread that started it (the other one was busy a moment
+before), so its 0.3-0.5 ms of Python ran ahead of the read instead of beside it (perf stat: 986 CPU
+migrations of the worker in 300 scrapes with a 2.6 ms pause between them, 21 in 300 back to
+back). The collector now starts the side thread from the event loop, before it hands the read
+over, so the two are woken onto different CPUs: 7 runs of this row gave 1.46-1.50× five times
+and 1.68-1.72× twice, against 1.70-1.74× in 4 runs of the earlier order. The same C reads served
+by a process of their own, one thread that also waits between requests, are not slowed (the
+"served by a process of their own" row).
 
 **Applied in this run's code**: the side thread; plain comms copied a word at a time (the per-PID
 render 0.38 -> 0.21 ms); the per-PID lines written straight into their bytes object and never
@@ -491,11 +495,11 @@ copied; small body parts joined before sending; empty attribution labels left ou
 pass of /proc/self/stat, the body sent as its parts, malloc keeping freed buffers (no page faults
 per scrape), the outcome grouping reused while keys and labels stay the same.
 
-**Not reached here**: what is left above the floor is fixed per-scrape cost (gunicorn, the
-hand-over, the transfer) and, in this pattern, the side thread landing on its caller's CPU.
-Making the side thread's work smaller (the pin inspection cached by inode, /proc read without
-the io layer) would shrink the second; a thread pinned to a CPU would remove it, which an agent on
-every node should not do.
+**What is left**: above the floor, fixed per-scrape cost (gunicorn, the hand-over, the transfer)
+and, in the runs where the scheduler still puts the side thread and the read on one CPU, the side
+thread's 0.3-0.5 ms of Python. Making that work smaller (the pin inspection cached by inode) would
+shrink the second; pinning threads to CPUs would remove it, which an agent on every node should
+not do.
 On this shared 2-CPU machine the floor itself swings between runs, so this ratio is only
 comparable within a run.""",
     "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)

@@ -118,7 +118,10 @@ class Collector:
             self._reading = True
         snapshot = result = None
         try:
-            snapshot, result = self._offload(self._read_then, then)
+            # Started before the hand-over, so the side thread wakes while this thread returns
+            # to its loop: it and the offloaded read get a CPU each.  The read takes its result.
+            others = self._beside(self._read_others)
+            snapshot, result = self._offload(self._read_then, then, others)
         finally:
             with self._cond:
                 self._reading = False
@@ -129,8 +132,8 @@ class Collector:
             raise result.exc
         return snapshot, result
 
-    def _read_then(self, then):
-        snapshot = self._read()
+    def _read_then(self, then, others):
+        snapshot = self._read(others)
         if then is None:
             return snapshot, None
         try:
@@ -251,9 +254,9 @@ class Collector:
         return ({spec: self._read_map(spec) for spec in SCRAPED if spec is not BIGGEST},
                 state.inspect(self.pins), tuple(processmetrics.families()))
 
-    def _read(self):
+    def _read(self, beside):
+        """The snapshot: the biggest map read here, the rest by `beside` (a started _read_others)."""
         started = time.perf_counter()
-        beside = self._beside(self._read_others)
         try:
             biggest = self._read_map(BIGGEST)
         finally:

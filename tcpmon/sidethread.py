@@ -5,12 +5,16 @@ of its lines, both outside the GIL, and some Python work: the small maps, the
 probe's state, the grouped families.  The caller hands the Python work to the
 side thread and does the GIL-free part itself, so on a node with a second CPU
 the scrape costs about its biggest part, not the sum.  (The other way round
-the side thread would wait for the GIL while the caller runs Python.)
+the side thread would wait for the GIL while the caller runs Python.)  The
+collector starts its call from the event loop's thread, before handing the
+read to a native thread: started from that native thread, the side thread was
+often woken onto the same CPU and ran first, not beside.
 
 Built on `_thread` primitives that the caller passes in: under gevent the
 server hands over the unpatched ones, so the side thread is a real thread and
 its waits are real waits.  One call at a time: when the thread is busy (two
-scrapes at once), `start` runs the call in the caller, so nothing ever queues.
+scrapes at once), the call runs in the thread that takes its result, so nothing
+ever queues.
 """
 import _thread
 
@@ -33,6 +37,16 @@ class _Call:
         if self._error is not None:
             raise self._error
         return self._value
+
+
+class _LazyCall(_Call):
+    """A call for a busy side thread: it runs in whichever thread takes its result (so a call
+    started in the event loop's thread still runs in the native thread that waits for it)."""
+
+    def result(self):
+        if self._fn is not None:
+            self.run()
+        return super().result()
 
 
 class _SideCall(_Call):
@@ -73,7 +87,7 @@ class SideThread:
 
     def start(self, fn, *args):
         if not self.idle.acquire(False):
-            return run_here(fn, *args)   # busy with another caller's call: this one runs here
+            return _LazyCall(fn, args)   # busy with another caller's call: this one runs in the taker
         if not self._running:
             self._start_new_thread(self._loop, ())
             self._running = True

@@ -44,16 +44,22 @@ def test_the_exception_of_a_call_is_raised_in_the_caller():
     assert side.start(lambda: 7).result() == 7, "a failed call left the thread busy"
 
 
-def test_a_busy_thread_runs_the_next_call_in_its_caller():
+def test_a_busy_thread_leaves_the_next_call_to_the_thread_that_takes_its_result():
     side = SideThread()
     release = threading.Event()
     first = side.start(lambda: release.wait(WAIT))
-    second = side.start(threading.get_ident)   # while the first is not taken yet
-    assert second.result() == threading.get_ident()
+    ran = []
+    second = side.start(lambda: ran.append(threading.get_ident()) or "second")   # while the first is not taken
+    assert ran == [], "a call for a busy thread ran in the thread that started it"
+    taker = threading.Thread(target=lambda: ran.append(second.result()))
+    taker.start()
+    taker.join(WAIT)
+    assert ran == [taker.ident, "second"]
+    assert second.result() == "second" and len(ran) == 2, "a call ran twice"
     release.set()
     assert first.result() is True
     third = side.start(threading.get_ident)    # the first was taken: the thread is free again
-    assert third.result() != threading.get_ident()
+    assert third.result() not in (threading.get_ident(), taker.ident)
 
 
 def test_run_here_runs_the_call_now():
