@@ -483,8 +483,9 @@ thread was woken onto the CPU of the thread that started it (the other one was b
 before), so its 0.3-0.5 ms of Python ran ahead of the read instead of beside it (perf stat: 986 CPU
 migrations of the worker in 300 scrapes with a 2.6 ms pause between them, 21 in 300 back to
 back). The collector now starts the side thread from the event loop, before it hands the read
-over, so the two are woken onto different CPUs: 7 runs of this row gave 1.46-1.50× five times
-and 1.68-1.72× twice, against 1.70-1.74× in 4 runs of the earlier order. The same C reads served
+over, so the two are more often woken onto different CPUs: 19 runs of this row (the 10k case
+alone) gave 1.46-1.50× six times and 1.55-1.72× the other times (median 1.64×), against
+1.70-1.74× in 4 runs of the earlier order. The same C reads served
 by a process of their own, one thread that also waits between requests, are not slowed (the
 "served by a process of their own" row).
 
