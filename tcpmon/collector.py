@@ -83,13 +83,17 @@ def _run_here(fn, *args):
 
 
 class Collector:
-    def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here, beside=run_here):
+    def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here, beside=run_here,
+                 process_metrics=True):
         """`offload(fn, *args)` runs a read in a native thread and returns its result;
-        `beside(fn, *args)` starts one beside the caller (a tcpmon.sidethread.SideThread's start)."""
+        `beside(fn, *args)` starts one beside the caller (a tcpmon.sidethread.SideThread's start);
+        `process_metrics`: read this process's metrics with the maps (with --workers > 1,
+        tcpmon.workers reads every worker's instead)."""
         self.pins = Pins(pin_dir)
         self.read_mode = read_mode
         self._offload = offload
         self._beside = beside
+        self._process_metrics = process_metrics
         self._latest_at = None    # (Snapshot, time.monotonic() when it was read) of the last scrape
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
@@ -252,7 +256,7 @@ class Collector:
         """Every map but the biggest, the probe's state and this process's metrics: Python work,
         done while the biggest read waits outside the GIL for the kernel."""
         return ({spec: self._read_map(spec) for spec in SCRAPED if spec is not BIGGEST},
-                state.inspect(self.pins), tuple(processmetrics.families()))
+                state.inspect(self.pins), tuple(processmetrics.families()) if self._process_metrics else ())
 
     def _read(self, beside):
         """The snapshot: the biggest map read here, the rest by `beside` (a started _read_others)."""

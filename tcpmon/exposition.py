@@ -3,8 +3,9 @@
 The families that grow with the host are rendered by the Cython hot path
 straight from the map bytes: per PID, per comm, and the outcome families,
 whose entries are summed per label set (Python only works out each key's label
-text, once).  The small families go through prometheus-client, which also
-supplies the process metrics (written by tcpmon.textformat in the text format).
+text, once).  The small families and this process's metrics (read by the
+collector, tcpmon.processmetrics) are Family tuples that tcpmon.textformat
+writes; prometheus-client writes them for OpenMetrics.
 """
 import array
 import operator
@@ -79,12 +80,12 @@ class Renderer:
                 cache.clear()
         beside = self._beside(self._grouped_families, snapshot, openmetrics)
         try:
-            per_process = _per_process_families(snapshot, openmetrics)
+            pid_and_comm = _pid_and_comm_families(snapshot, openmetrics)
         finally:
             grouped = beside.result()
         # After the capped families: the small ones report what their caps folded.
         small = _small_families(_SnapshotFamilies(snapshot, self.attribution), openmetrics)
-        return per_process + grouped + small + _process_families(snapshot.process, openmetrics, process_registry)
+        return pid_and_comm + grouped + small + _process_families(snapshot.process, openmetrics, process_registry)
 
     def _grouped_families(self, snapshot, openmetrics):
         """The families summed per label set: Python work, while the per-PID lines are written
@@ -237,7 +238,7 @@ def _process_families(families, openmetrics, process_registry):
     return [textformat.generate(process_registry)]
 
 
-def _per_process_families(snapshot, openmetrics):
+def _pid_and_comm_families(snapshot, openmetrics):
     """The families of the per-PID and per-comm maps: the big ones, written outside the GIL."""
     return [*_pid_family(snapshot.connects), *_comm_family(snapshot.comm_totals, openmetrics)]
 

@@ -309,7 +309,8 @@ class Exporter(BaseApplication):
         # the scrape's own thread reads and writes the connects map outside the GIL.
         beside = SideThread(monkey.get_original("_thread", "start_new_thread"),
                             monkey.get_original("_thread", "allocate_lock")).start
-        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload, beside=beside)
+        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload, beside=beside,
+                                   process_metrics=self.per_worker is None)
         attributor = Attributor(self.attribution or Config(labels=()))
         renderer = exposition.Renderer(attributor, networks=self.networks, beside=beside)
         render_lock = monkey.get_original("threading", "Lock")()   # a real one: taken in native threads
