@@ -50,28 +50,30 @@ def coalesce(parts, small=_SMALL_PART):
     return out
 
 
-def encode(render, snapshot, openmetrics, compress, process_registry=None):
+def encode(render, snapshot, openmetrics, compress, process_registry=None, grouped=None):
     """The /metrics body of `snapshot` as a list of bytes, gzipped when `compress`: the CPU-heavy
-    part of a scrape.  The big parts are sent in turn, never joined (a copy of the whole body)."""
+    part of a scrape.  The big parts are sent in turn, never joined (a copy of the whole body).
+    `grouped`: the renderer's grouped_parts() of it, when they were made beside the read."""
     extra = {"process_registry": process_registry} if process_registry is not None else {}
-    parts = render(snapshot, openmetrics=openmetrics, **extra)
+    parts = render(snapshot, openmetrics=openmetrics, grouped=grouped, **extra)
     if not compress:
         return coalesce(parts)
     gzipper = zlib.compressobj(_GZIP_LEVEL, zlib.DEFLATED, _GZIP_WBITS)
     return [*map(gzipper.compress, parts), gzipper.flush()]
 
 
-def _metrics(collector, render, offload, per_worker, environ):
+def _metrics(collector, renderer, offload, per_worker, environ):
     chosen = negotiation.choose_format(environ.get("HTTP_ACCEPT"))
     compress = negotiation.wants_gzip(environ.get("HTTP_ACCEPT_ENCODING"))
     if per_worker is None:   # read and render in one hand-over to a native thread
-        _, body = collector.snapshot_then(partial(encode, render, openmetrics=chosen.openmetrics,
-                                                  compress=compress))
+        def then(snapshot, grouped):
+            return encode(renderer.render_parts, snapshot, chosen.openmetrics, compress, grouped=grouped)
+        _, body = collector.snapshot_then(then, early=partial(renderer.grouped_parts, openmetrics=chosen.openmetrics))
     else:                    # every worker's counters, labelled, instead of this one's
         snapshot = collector.snapshot()
         per_worker.publish(snapshot.read_errors, snapshot.read_truncations)
-        body = offload(encode, render, dataclasses.replace(snapshot, read_errors=None), chosen.openmetrics,
-                       compress, per_worker.registry)
+        body = offload(encode, renderer.render_parts, dataclasses.replace(snapshot, read_errors=None),
+                       chosen.openmetrics, compress, per_worker.registry)
     status, headers, body = _reply("200 OK", body, chosen.content_type)
     headers.append(("Vary", "Accept, Accept-Encoding"))
     if compress:
@@ -120,15 +122,17 @@ def _with_capacity_notes(collector, notes):
     return collector.capacity_notes() + list(notes())
 
 
-def make_app(collector, metrics_port=None, health_port=None, render=exposition.render_parts, notes=lambda: [],
+def make_app(collector, metrics_port=None, health_port=None, renderer=None, notes=lambda: [],
              offload=_run_here, web=None, per_worker=None):
     """The WSGI callable.  With equal (or unknown) ports every path is served on every port.
-    `render(snapshot, openmetrics=...)` makes the /metrics body (a list of bytes), through `offload`; `notes()` are
+    `renderer` (an exposition.Renderer, or one with its render_parts and grouped_parts) makes the
+    /metrics body (a list of bytes), through `offload`; `notes()` are
     what readiness and health add while ready (e.g. why attribution labels are missing).
     `web` (a tcpmon.web.WebState or None) guards the metrics port: its headers, rate limit and users.
     `per_worker` (a tcpmon.workers.PerWorker, with --workers > 1) labels per-process counters."""
     notes = partial(_with_capacity_notes, collector, notes)
-    metrics_routes = {"/metrics": partial(_metrics, collector, render, offload, per_worker), "/": _index}
+    renderer = renderer or exposition.Renderer()
+    metrics_routes = {"/metrics": partial(_metrics, collector, renderer, offload, per_worker), "/": _index}
     health_routes = {"/liveness": _liveness, "/readiness": partial(_readiness, collector, notes),
                      "/health": partial(_health, collector, notes)}
     all_routes = {**metrics_routes, **health_routes}

@@ -6,6 +6,7 @@ replaced by unload + load is reopened on the next scrape.  The read itself runs
 through `offload` (the server's native threads), and health asks only for what
 is cheap: the probe's pins and the last scrape's outcome, never a map read.
 """
+import _thread
 import logging
 import os
 import threading
@@ -16,15 +17,19 @@ from dataclasses import dataclass, field
 from tcpmon import maps, processmetrics, state
 from tcpmon.errors import describe
 from tcpmon.pins import DEFAULT_PIN_DIR, Pins
-from tcpmon.sidethread import run_here
+from tcpmon.sidethread import Deferred, run_here
 
 log = logging.getLogger("tcpmon.collector")
 
 # What a scrape reads.  `sockets` only holds connects in flight: status and dump show it.
 SCRAPED = (maps.CONNECTS, maps.COMM_TOTALS, maps.OUTCOMES, maps.DESTINATIONS, maps.UPDATE_FAILURES)
 # The one that takes most of a read (one entry per PID, the kernel's time outside the GIL): the
-# others are read on the side thread meanwhile.
+# others, and the work that needs only them, are done meanwhile.
 BIGGEST = maps.CONNECTS
+# Seconds of that other work the event loop's thread may do itself: above it (the last time it
+# was measured, wherever it ran), it goes to the side thread instead, and /health never waits
+# longer than about this for the event loop.
+INLINE_BUDGET = 0.002
 
 
 @dataclass(frozen=True)
@@ -84,16 +89,21 @@ def _run_here(fn, *args):
 
 class Collector:
     def __init__(self, pin_dir=DEFAULT_PIN_DIR, read_mode="auto", offload=_run_here, beside=run_here,
-                 process_metrics=True):
+                 start=None, process_metrics=True, allocate_lock=_thread.allocate_lock):
         """`offload(fn, *args)` runs a read in a native thread and returns its result;
-        `beside(fn, *args)` starts one beside the caller (a tcpmon.sidethread.SideThread's start);
-        `process_metrics`: read this process's metrics with the maps (with --workers > 1,
-        tcpmon.workers reads every worker's instead)."""
+        `start(fn, *args)` starts one there and returns a handle whose result() waits for it
+        (without it, a scrape offloads); `beside(fn, *args)` starts a call beside the caller
+        (a tcpmon.sidethread.SideThread's start); `allocate_lock` makes locks that native
+        threads can wait on; `process_metrics`: read this process's metrics with the maps
+        (with --workers > 1, tcpmon.workers reads every worker's instead)."""
         self.pins = Pins(pin_dir)
         self.read_mode = read_mode
         self._offload = offload
         self._beside = beside
+        self._start = start
         self._process_metrics = process_metrics
+        self._allocate_lock = allocate_lock
+        self._others_cost = 0.0   # seconds the last _read_others took
         self._latest_at = None    # (Snapshot, time.monotonic() when it was read) of the last scrape
         self._open = {}           # map name -> (BpfMap, (st_dev, st_ino) of its pin)
         self._read_errors = Counter()
@@ -108,24 +118,23 @@ class Collector:
         """A fresh read; a scrape that arrives while another reads gets that read's result."""
         return self.snapshot_then(None)[0]
 
-    def snapshot_then(self, then):
-        """(a fresh read, then(it)): like snapshot(), and `then` runs in the same offloaded call
-        as the read, so a scrape hands over to a native thread once, not twice (each hand-over
-        waits for a CPU: on a busy node that is most of a small scrape's overhead).  A scrape
-        that arrives while another reads gets that read, and runs `then` on it by itself."""
+    def snapshot_then(self, then, early=None):
+        """(a fresh read, then(it, made)): like snapshot(), and `then` runs in the same offloaded
+        call as the read, so a scrape hands over to a native thread once, not twice (each
+        hand-over waits for a CPU: on a busy node that is most of a small scrape's overhead).
+        `early(a snapshot of the small maps alone)` runs while the biggest is still read;
+        `made` is what it returned (None if it failed).  A scrape that arrives while another
+        reads gets that read, and runs `then(it, None)`."""
         with self._cond:
             if self._reading:
                 latest = self._latest
                 self._cond.wait_for(lambda: self._latest is not latest)
                 shared = self._latest
-                return shared, (self._offload(then, shared) if then else None)
+                return shared, (self._offload(then, shared, None) if then else None)
             self._reading = True
         snapshot = result = None
         try:
-            # Started before the hand-over, so the side thread wakes while this thread returns
-            # to its loop: it and the offloaded read get a CPU each.  The read takes its result.
-            others = self._beside(self._read_others)
-            snapshot, result = self._offload(self._read_then, then, others)
+            snapshot, result = self._read_beside(then, early)
         finally:
             with self._cond:
                 self._reading = False
@@ -136,12 +145,26 @@ class Collector:
             raise result.exc
         return snapshot, result
 
+    def _read_beside(self, then, early):
+        """The read and `then` in a native thread, the other maps and `early` beside it: in
+        this (the event loop's) thread while they are cheap, since a woken side thread often
+        queues behind the read's on one CPU while the other idles; else on the side thread."""
+        if self._start is None or self._others_cost > INLINE_BUDGET:
+            # Started before the hand-over, so that the side thread wakes on this CPU and the
+            # offloaded read on another (tcpmon.sidethread).
+            others = self._beside(self._timed_others, early)
+            return self._offload(self._read_then, then, others)
+        others = Deferred(self._timed_others, early, allocate_lock=self._allocate_lock)
+        reading = self._start(self._read_then, then, others)
+        others.run()
+        return reading.result()
+
     def _read_then(self, then, others):
-        snapshot = self._read(others)
+        snapshot, made = self._read(others)
         if then is None:
             return snapshot, None
         try:
-            return snapshot, then(snapshot)
+            return snapshot, then(snapshot, made)
         except Exception as exc:   # the read stands (health reports it); the scrape fails
             return snapshot, _Failed(exc)
 
@@ -252,26 +275,44 @@ class Collector:
         if stale:
             stale[0].close()
 
-    def _read_others(self):
-        """Every map but the biggest, the probe's state and this process's metrics: Python work,
-        done while the biggest read waits outside the GIL for the kernel."""
-        return ({spec: self._read_map(spec) for spec in SCRAPED if spec is not BIGGEST},
-                state.inspect(self.pins), tuple(processmetrics.families()) if self._process_metrics else ())
+    def _timed_others(self, early):
+        began = time.perf_counter()
+        try:
+            return self._read_others(early)
+        finally:
+            self._others_cost = time.perf_counter() - began
 
-    def _read(self, beside):
-        """The snapshot: the biggest map read here, the rest by `beside` (a started _read_others)."""
+    def _read_others(self, early):
+        """Every map but the biggest, the probe's state and this process's metrics, then
+        `early` on what they give: Python work, done while the biggest read waits outside the
+        GIL for the kernel."""
+        reads = {spec: self._read_map(spec) for spec in SCRAPED if spec is not BIGGEST}
+        found = (reads, state.inspect(self.pins), state.bpf_stats_enabled(),
+                 tuple(processmetrics.families()) if self._process_metrics else ())
+        if early is None:
+            return found, None
+        try:
+            return found, early(Snapshot(reads={spec.name: read for spec, read in reads.items() if read is not None}))
+        except Exception:   # `then` does it again, and reports what fails
+            log.debug("work beside the read failed", exc_info=True)
+            return found, None
+
+    def _read(self, others):
+        """(the snapshot, what `early` made): the biggest map read here, the rest by `others`
+        (a started _read_others) meanwhile."""
         started = time.perf_counter()
         try:
             biggest = self._read_map(BIGGEST)
         finally:
-            others, probe_state, process = beside.result()
-        others[BIGGEST] = biggest
-        reads = {spec.name: others[spec] for spec in SCRAPED if others[spec] is not None}
+            (reads, probe_state, stats_enabled, process), made = others.result()
+        reads[BIGGEST] = biggest
+        reads = {spec.name: reads[spec] for spec in SCRAPED if reads[spec] is not None}
         failures = reads.pop(maps.UPDATE_FAILURES.name, None)
         failures = maps.failures_by_map(failures) if failures else None
         if len(reads) == len(SCRAPED) - 1 and failures is not None:
             self._last_error = None
-        return Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
-                        read_truncations=dict(self._truncations), probe_state=probe_state,
-                        bpf_stats_enabled=state.bpf_stats_enabled(), duration=time.perf_counter() - started,
-                        last_error=self._last_error, process=process)
+        snapshot = Snapshot(reads=reads, update_failures=failures, read_errors=dict(self._read_errors),
+                            read_truncations=dict(self._truncations), probe_state=probe_state,
+                            bpf_stats_enabled=stats_enabled, duration=time.perf_counter() - started,
+                            last_error=self._last_error, process=process)
+        return snapshot, made

@@ -22,7 +22,6 @@ from tcpmon.attribution.metrics import families as attribution_families
 from tcpmon.collector import SCRAPED
 from tcpmon.destinations import remote_of
 from tcpmon.escaping import label_text
-from tcpmon.sidethread import run_here
 from tcpmon.textformat import Family
 
 # Not prometheus-client's CONTENT_TYPE_LATEST: that became text 1.0.0 in 0.22, the body is 0.0.4.
@@ -56,12 +55,9 @@ class Renderer:
 
     MAX_REMEMBERED = 1 << 16
 
-    def __init__(self, attribution=None, networks=(), beside=run_here):
-        """`beside(fn, *args)` starts a call beside the caller (a tcpmon.sidethread.SideThread's
-        start): the grouped families are rendered there while this thread writes the per-PID lines."""
+    def __init__(self, attribution=None, networks=()):
         self.attribution = attribution or Attributor(Config(labels=()))
         self.networks = networks
-        self._beside = beside
         self._key_labels = {}   # (map name, raw key without its cgroup id) -> (comm label, *trailing labels)
         self._texts = {}        # label names and values -> label text
         self._shown = {}        # attribution label values -> the same in comm_label's notation
@@ -71,25 +67,25 @@ class Renderer:
         """The whole /metrics body for one snapshot, as one bytes object."""
         return b"".join(self.render_parts(snapshot, openmetrics, process_registry))
 
-    def render_parts(self, snapshot, openmetrics=False, process_registry=None):
+    def render_parts(self, snapshot, openmetrics=False, process_registry=None, grouped=None):
         """The /metrics body for one snapshot as a list of bytes to be sent in turn (joining a
         100k-PID body would copy 5 MB once more).  `process_registry` replaces this process's
-        own metrics (tcpmon.workers: every worker's, labelled).  Not thread-safe: one at a time."""
-        for cache in (self._key_labels, self._texts, self._shown):
-            if len(cache) > self.MAX_REMEMBERED:
-                cache.clear()
-        beside = self._beside(self._grouped_families, snapshot, openmetrics)
-        try:
-            pid_and_comm = _pid_and_comm_families(snapshot, openmetrics)
-        finally:
-            grouped = beside.result()
+        own metrics (tcpmon.workers: every worker's, labelled); `grouped`: grouped_parts() of
+        this snapshot in this format, made earlier.  Not thread-safe: one call at a time."""
+        if grouped is None:
+            grouped = self.grouped_parts(snapshot, openmetrics)
+        pid_and_comm = _pid_and_comm_families(snapshot, openmetrics)
         # After the capped families: the small ones report what their caps folded.
         small = _small_families(_SnapshotFamilies(snapshot, self.attribution), openmetrics)
         return pid_and_comm + grouped + small + _process_families(snapshot.process, openmetrics, process_registry)
 
-    def _grouped_families(self, snapshot, openmetrics):
-        """The families summed per label set: Python work, while the per-PID lines are written
-        outside the GIL."""
+    def grouped_parts(self, snapshot, openmetrics=False):
+        """The families summed per label set (outcomes and destinations), which need only those
+        two maps of `snapshot`: a scrape makes them while the connects map is still being read.
+        Not thread-safe: one call at a time, and not beside render_parts."""
+        for cache in (self._key_labels, self._texts, self._shown):
+            if len(cache) > self.MAX_REMEMBERED:
+                cache.clear()
         view = self.attribution.view(self._cgroup_ids(snapshot))
         return [*self._outcome_families(snapshot, view, openmetrics),
                 *self._destination_family(snapshot, view, openmetrics)]
@@ -206,11 +202,6 @@ _DEFAULT = Renderer()
 def render(snapshot, openmetrics=False, process_registry=None):
     """The /metrics body with comm-only outcome labels and no network names."""
     return _DEFAULT.render(snapshot, openmetrics, process_registry)
-
-
-def render_parts(snapshot, openmetrics=False, process_registry=None):
-    """render(), as the list of bytes it joins."""
-    return _DEFAULT.render_parts(snapshot, openmetrics, process_registry)
 
 
 def _header(family, kind, help_text, openmetrics):

@@ -243,6 +243,27 @@ class ExporterWorker(GeventWorker):
             cap.group.kill(block=True, timeout=1)
 
 
+class _OneAtATime:
+    """An exposition.Renderer behind a real lock: its caches and the attributor are not
+    thread-safe.  grouped_parts() never waits for it, since the event loop may be the caller:
+    while another render holds it, it returns None, and render_parts() makes them itself."""
+
+    def __init__(self, renderer, lock):
+        self._renderer, self._lock = renderer, lock
+
+    def render_parts(self, snapshot, **kwargs):
+        with self._lock:
+            return self._renderer.render_parts(snapshot, **kwargs)
+
+    def grouped_parts(self, snapshot, **kwargs):
+        if not self._lock.acquire(False):
+            return None
+        try:
+            return self._renderer.grouped_parts(snapshot, **kwargs)
+        finally:
+            self._lock.release()
+
+
 class _Arbiter(Arbiter):
     """SIGHUP re-reads the web config in the workers instead of restarting them."""
 
@@ -301,26 +322,24 @@ class Exporter(BaseApplication):
         def offload(fn, *args):
             return pool.apply(fn, args)
 
+        def start(fn, *args):
+            return pool.spawn(fn, *args)   # its result() waits in this greenlet, not the event loop
+
         if self.web_config_file:
             self.web = web.WebState(self.web_config_file, run_bcrypt=ThreadPool(1).apply)
         if self.slots is not None:
             self.per_worker = PerWorker(self.slots, self.slot_index)
-        # A real thread beside the scrape's: the small maps and families are done there while
-        # the scrape's own thread reads and writes the connects map outside the GIL.
-        beside = SideThread(monkey.get_original("_thread", "start_new_thread"),
-                            monkey.get_original("_thread", "allocate_lock")).start
-        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload, beside=beside,
-                                   process_metrics=self.per_worker is None)
+        # While a native thread reads the connects map outside the GIL, the small maps and the
+        # grouped families are done by the event loop's thread itself while that is cheap, or
+        # by a real thread beside it (tcpmon.collector says when).
+        allocate_lock = monkey.get_original("_thread", "allocate_lock")
+        beside = SideThread(monkey.get_original("_thread", "start_new_thread"), allocate_lock).start
+        self.collector = Collector(self.pin_dir, read_mode=self.read_mode, offload=offload, start=start,
+                                   beside=beside, process_metrics=self.per_worker is None,
+                                   allocate_lock=allocate_lock)
         attributor = Attributor(self.attribution or Config(labels=()))
-        renderer = exposition.Renderer(attributor, networks=self.networks, beside=beside)
-        render_lock = monkey.get_original("threading", "Lock")()   # a real one: taken in native threads
-
-        def render(snapshot, **kwargs):
-            # One render at a time: the Renderer's caches and the attributor are not thread-safe.
-            with render_lock:
-                return renderer.render_parts(snapshot, **kwargs)
-
-        return make_app(self.collector, self.metrics_port, self.health_port, render=render,
+        renderer = _OneAtATime(exposition.Renderer(attributor, networks=self.networks), allocate_lock())
+        return make_app(self.collector, self.metrics_port, self.health_port, renderer=renderer,
                         notes=lambda: [attributor.problem] if attributor.problem else [], offload=offload,
                         web=self.web, per_worker=self.per_worker)
 

@@ -1,14 +1,14 @@
-"""One native thread that runs a call beside the caller's own work.
+"""Calls run beside the caller's own work: on one native side thread, or later by the caller.
 
 A scrape is mostly the kernel's batch read of the connects map and the writing
 of its lines, both outside the GIL, and some Python work: the small maps, the
-probe's state, the grouped families.  The caller hands the Python work to the
-side thread and does the GIL-free part itself, so on a node with a second CPU
-the scrape costs about its biggest part, not the sum.  (The other way round
-the side thread would wait for the GIL while the caller runs Python.)  The
-collector starts its call from the event loop's thread, before handing the
-read to a native thread: started from that native thread, the side thread was
-often woken onto the same CPU and ran first, not beside.
+probe's state, the grouped families.  The Python work is done beside the
+GIL-free part, so on a node with a second CPU the scrape costs about its
+biggest part, not the sum.  The collector does it in the event loop's own
+thread (a Deferred) while it is cheap, and on the side thread when it is not.
+It starts a side thread's call from the event loop's thread, before handing
+the read to a native thread: started from that native thread, the side thread
+was often woken onto the same CPU and ran first, not beside.
 
 Built on `_thread` primitives that the caller passes in: under gevent the
 server hands over the unpatched ones, so the side thread is a real thread and
@@ -100,6 +100,26 @@ class SideThread:
             self._posted.acquire()
             job, self._job = self._job, None
             job.run()
+
+
+class Deferred(_Call):
+    """fn(*args), run by its starter when it chooses (run()), while another thread may already
+    wait for its result(): the collector's event loop does the small maps this way while a
+    native thread reads the biggest."""
+
+    def __init__(self, fn, *args, allocate_lock=_thread.allocate_lock):
+        super().__init__(fn, args)
+        self._finished = allocate_lock()
+        self._finished.acquire()
+
+    def run(self):
+        super().run()
+        self._finished.release()
+
+    def result(self):
+        with self._finished:   # released by run(), and again here for any later taker
+            pass
+        return super().result()
 
 
 def run_here(fn, *args):

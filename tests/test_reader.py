@@ -40,16 +40,35 @@ def map_dir(fresh_pin_dir):
     return fresh_pin_dir
 
 
-def test_batch_and_iterate_read_the_same_entries(map_dir, tmp_path):
+# A chunk of 1 meets buckets of two or more entries (2000 in 4096 buckets), which the kernel
+# refuses with ENOSPC: the reader asks again for the room left.
+@pytest.mark.parametrize("chunk", [1, 7, _maps.BATCH_CHUNK, 1 << 20])
+def test_batch_and_iterate_read_the_same_entries(map_dir, tmp_path, chunk):
     path = f"{map_dir}/connects"
     bpftool_map(path, "type", "hash", "key", "4", "value", "24", "entries", "3000", "name", "connects")
     wanted = {struct.pack("=I", pid): PID_VALUE.pack(pid * 3, f"c{pid}".encode()) for pid in range(1, 2001)}
     fill(path, wanted.items(), tmp_path)
     with maps.open_map(Pins(map_dir), maps.CONNECTS) as bpf_map:
-        assert bpf_map.read("batch") == 2000
-        assert entries_of(bpf_map) == wanted
+        assert bpf_map.read("batch", chunk=chunk) == 2000
+        assert entries_of(bpf_map) == wanted and bpf_map.truncated is None
         assert bpf_map.read("iterate") == 2000
         assert entries_of(bpf_map) == wanted
+
+
+@pytest.mark.parametrize("chunk", [1, 7, _maps.BATCH_CHUNK])
+def test_a_chunked_batch_read_of_an_array_reads_every_slot_once(map_dir, tmp_path, chunk):
+    path = f"{map_dir}/slots"
+    bpftool_map(path, "type", "array", "key", "4", "value", "8", "entries", "20", "name", "slots")
+    wanted = {struct.pack("=I", slot): struct.pack("=Q", slot * 11 + 5) for slot in range(20)}
+    fill(path, wanted.items(), tmp_path)
+    bpf_map = _maps.BpfMap(path)
+    try:
+        assert bpf_map.read("batch", chunk=chunk) == 20
+        assert entries_of(bpf_map) == wanted and bpf_map.truncated is None
+        with pytest.raises(ValueError, match="chunk of at least one"):
+            bpf_map.read("batch", chunk=0)
+    finally:
+        bpf_map.close()
 
 
 def test_auto_falls_back_to_iteration_when_the_kernel_has_no_batch(map_dir, tmp_path):
