@@ -462,46 +462,43 @@ ANALYSIS = {
   quiet); any real connect, with a peer and a handshake, makes the same probe cost a smaller fraction.""",
     "scrape 10k map + outcome": """### Scrape vs the C batch floor of the same maps (10k)
 
-Where a 10k scrape's time goes, on a quiet machine (the same 10k map with 100 outcome entries;
-medians): the floor 2.55-2.65 ms. The worker's read of the same maps is 2.66 ms: the scrape's
-thread reads `connects` outside the GIL while a side thread (`tcpmon.sidethread`) reads the other
-maps, the probe's pins and this process's metrics (0.3 ms of Python, hidden; 2.94 ms when done in
-turn). The render is 0.40 ms: the per-PID lines, 0.21 ms in Cython without the GIL, while the side
-thread renders the outcome families; then the small families (0.09 ms). Serving adds the rest: the
-hand-over to a native thread and back (about 0.15 ms), gunicorn's request parsing and response head
-(about 0.27 ms: the time to first byte minus the app's own), and the 0.74 MB body's transfer over
-loopback (about 0.38 ms from the first byte to the last). Scraped back to back, without the floor
-between, that is 3.9-4.0 ms, about 1.5× the floor.
+Where a 10k scrape's time goes, on a quiet machine (timestamps in the worker around each step, 200
+scrapes of the same 10k map with 100 outcome entries, medians): the floor reads every map in
+2.55-2.70 ms. In the worker the request reaches the app 0.06 ms after gunicorn has it, the hand-over
+to a native thread takes 0.06 ms more, and the kernel's read of `connects` 2.53 ms. Meanwhile the
+event loop reads the other maps, the probe's pins and this process's metrics and renders the outcome
+families (0.6-0.7 ms of Python, hidden behind the read). After the read: the per-PID lines 0.17 ms
+(Cython, without the GIL), the small and process families 0.13 ms, the way back to the event loop
+0.05 ms; gunicorn then sends the body (0.35 ms to its last byte), and the client's request and its
+read of the body add about 0.2 ms. 3.6-3.75 ms in all: 1.36-1.41x the floor in 7 runs of this row
+alone, 1.55-1.68x in 4 runs on a busier machine (right after a test suite), and 1.46x in the full
+`make bench` that wrote this file.
 
-**Why this row can show more**: here the floor runs in the client right before every scrape, and
-then where the scheduler wakes the side thread decides the scrape. Traced in the worker
-(`sched_getcpu` and timestamps around the connects read, 200 scrapes each way) with the side
-thread started by the scrape's native thread, as first written: the kernel's read of `connects`
-took the same 2.55-2.58 ms on the same CPU whether the scrapes came back to back or after the
-floor, but getting into that read took 0.05 ms back to back and 0.51 ms after the floor: the side
-thread was woken onto the CPU of the thread that started it (the other one was busy a moment
-before), so its 0.3-0.5 ms of Python ran ahead of the read instead of beside it (perf stat: 986 CPU
-migrations of the worker in 300 scrapes with a 2.6 ms pause between them, 21 in 300 back to
-back). The collector now starts the side thread from the event loop, before it hands the read
-over, so the two are more often woken onto different CPUs: 19 runs of this row (the 10k case
-alone) gave 1.46-1.50× six times and 1.55-1.72× the other times (median 1.64×), against
-1.70-1.74× in 4 runs of the earlier order. The same C reads served
-by a process of their own, one thread that also waits between requests, are not slowed (the
-"served by a process of their own" row).
+**Why the event loop does the Python part**: it first ran on a side thread (`tcpmon.sidethread`),
+started from the event loop before the hand-over, which gave 1.46-1.79x. Traced with bpftrace
+(wake-ups, CPU switches and syscalls of the worker's threads), the slow scrapes had the side thread
+and the read's thread woken onto one CPU while the other idled: with both CPUs busy a moment before,
+the kernel's wake-up path stops scanning for an idle CPU; and a kernel without full preemption
+let the read's 2.5 ms batch call run to its end while the other thread waited for that CPU. Done
+in the event loop's own thread, which is already running, nothing is woken for it; a scrape whose
+Python part takes more than 2 ms (`INLINE_BUDGET`: large outcome maps, slow cgroup lookups) sends
+the next one's to the side thread, so /health never waits much longer than
+that. Batch reads now ask for
+at most 1024 entries per call, so a thread that does land on the read's CPU waits well under a
+millisecond (1.36-1.45x with it, 1.37-1.49x without, in the same trial).
 
-**Applied in this run's code**: the side thread; plain comms copied a word at a time (the per-PID
-render 0.38 -> 0.21 ms); the per-PID lines written straight into their bytes object and never
-copied; small body parts joined before sending; empty attribution labels left out of the samples
-(the body 0.86 -> 0.74 MB). Earlier: small families as `Family` tuples written straight to text, one
-pass of /proc/self/stat, the body sent as its parts, malloc keeping freed buffers (no page faults
-per scrape), the outcome grouping reused while keys and labels stay the same.
+**Applied in this run's code**: the event loop's part; 1024-entry batch calls. Earlier: the side
+thread; plain comms copied a word at a time (the per-PID render 0.38 -> 0.21 ms); the per-PID
+lines written straight into their bytes object and never copied; small body parts joined before
+sending; empty attribution labels left out of the samples; small families as `Family` tuples
+written straight to text, one pass of /proc/self/stat, the body sent as its parts, malloc keeping
+freed buffers (no page faults per scrape), the outcome grouping reused while keys and labels stay
+the same.
 
-**What is left**: above the floor, fixed per-scrape cost (gunicorn, the hand-over, the transfer)
-and, in the runs where the scheduler still puts the side thread and the read on one CPU, the side
-thread's 0.3-0.5 ms of Python. Making that work smaller (the pin inspection cached by inode) would
-shrink the second; pinning threads to CPUs would remove it, which an agent on every node should
-not do.
-On this shared 2-CPU machine the floor itself swings between runs, so this ratio is only
+**What is left**: above the floor, about 1 ms of fixed cost per scrape: gunicorn's parsing and
+response, the two hand-overs, the rendering after the read and the body's transfer. Rendering the
+per-PID lines of one 1024-entry chunk while the kernel reads the next would hide most of the
+0.17 ms. On this shared 2-CPU machine the floor itself swings between runs, so this ratio is only
 comparable within a run.""",
     "scrape 100k map + outcome": """### Scrape vs the C batch floor of the same maps (100k)
 
