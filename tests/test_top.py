@@ -980,8 +980,11 @@ def test_screen_sort_keys_change_the_order(pin_dir):
                     row[1] != "-" for row in process_rows(lines)) and lines
             screen.wait_for(order("rate", [busy.pid, idle.pid]), "the busy process first (sort: rate)")
             screen.keys("t")
-            lines = screen.wait_for(order("total", [idle.pid, busy.pid]), "the idle process first (sort: total)")
-            assert [row[2] for row in name_rows(lines)] == [prefix + "b", prefix + "a"]
+            by_total = order("total", [idle.pid, busy.pid])
+            # Both tables in one condition: a capture taken while the screen is redrawn can show
+            # the processes table in the new order and the names table still in the old one.
+            screen.wait_for(lambda lines: by_total(lines) and [row[2] for row in name_rows(lines)] == [
+                prefix + "b", prefix + "a"], "the idle process and its name first (sort: total)")
             screen.keys("p")
             screen.wait_for(order("pid", sorted([busy.pid, idle.pid])), "pid order (sort: pid)")
             screen.keys("t", "n")
@@ -1003,8 +1006,8 @@ def test_screen_filter_hides_the_others(pin_dir):
             screen.keys("C-u", "Tab")  # not printable: no part of a filter
             screen.keys("-l", prefix.upper() + "A")
             screen.keys("Enter")
-            lines = screen.wait_for(lambda lines: pids_shown(lines) == [kept.pid] and lines, "only the kept one")
-            assert [row[2] for row in name_rows(lines)] == [prefix + "a"]
+            lines = screen.wait_for(lambda lines: pids_shown(lines) == [kept.pid] and [
+                row[2] for row in name_rows(lines)] == [prefix + "a"] and lines, "only the kept one, in both tables")
             assert f"filter: {prefix.upper()}A" in lines[0]
             assert all(str(hidden.pid) not in line and prefix + "b" not in line for line in lines), lines
             screen.keys("Escape")
@@ -1071,9 +1074,8 @@ def test_screen_shows_outcomes_sorts_them_by_failures_and_p99_and_fits_80x24(pin
             screen.keys("/", *["BSpace"] * len(prefix))
             screen.keys("-l", units[1].upper())
             screen.keys("Enter")
-            lines = screen.wait_for(lambda lines: [row[-1] for row in outcome_rows(lines)] == [failing.label] and lines,
-                                    "only the failing unit's row")
-            assert process_rows(lines) == [] and name_rows(lines) == []
+            screen.wait_for(lambda lines: [row[-1] for row in outcome_rows(lines)] == [failing.label] and
+                            process_rows(lines) == [] and name_rows(lines) == [], "only the failing unit's row")
         busy.tell("stop")
         failing.tell("stop")
 
