@@ -14,9 +14,9 @@ from tcpmon.errors import ENOTSUPP as _ENOTSUPP, MapLayoutError, WrongPinError, 
 # Kernel-internal errno that BPF_MAP_LOOKUP_BATCH returns for maps without batch support.
 cdef int ENOTSUPP = _ENOTSUPP
 cdef int BATCH_UNSUPPORTED = 1
-# Entries asked for per BPF_MAP_LOOKUP_BATCH call.  The kernel holds the CPU for the whole of
-# one call, and most nodes run PREEMPT_NONE kernels: a thread woken onto that CPU (the event
-# loop, the side thread) waits for it.  1024 entries keep a call well under a millisecond at
+# Entries asked for per BPF_MAP_LOOKUP_BATCH call.  A kernel without full preemption (what
+# server distributions ship) holds the CPU for the whole of one call: a thread woken onto that
+# CPU (the event loop, the side thread) waits for it.  1024 entries keep a call well under a millisecond at
 # a few hundred ns per entry, and the extra calls cost a fraction of a percent of the read.
 BATCH_CHUNK = 1024
 

@@ -49,26 +49,41 @@ class _LazyCall(_Call):
         return super().result()
 
 
-class _SideCall(_Call):
-    """A call posted to the side thread: result() first waits for it, then frees the thread."""
+class Deferred(_Call):
+    """fn(*args), run by its starter when it chooses (run()), while another thread may already
+    wait for its result(): the collector's event loop does the small maps this way while a
+    native thread reads the biggest."""
 
-    def __init__(self, thread, fn, args):
+    def __init__(self, fn, *args, allocate_lock=_thread.allocate_lock):
         super().__init__(fn, args)
-        self._thread = thread
-        self._finished = thread.allocate_lock()
+        self._finished = allocate_lock()
         self._finished.acquire()
-        self._waiting = True
 
     def run(self):
         super().run()
         self._finished.release()
 
     def result(self):
-        if self._waiting:
-            self._finished.acquire()
-            self._waiting = False
-            self._thread.idle.release()
+        with self._finished:   # released by run(), and again here for any later taker
+            pass
         return super().result()
+
+
+class _SideCall(Deferred):
+    """A call posted to the side thread, which runs it: the first result() frees the thread."""
+
+    def __init__(self, thread, fn, args):
+        super().__init__(fn, *args, allocate_lock=thread.allocate_lock)
+        self._thread = thread
+        self._waiting = True
+
+    def result(self):
+        try:
+            return super().result()
+        finally:
+            if self._waiting:
+                self._waiting = False
+                self._thread.idle.release()
 
 
 class SideThread:
@@ -100,26 +115,6 @@ class SideThread:
             self._posted.acquire()
             job, self._job = self._job, None
             job.run()
-
-
-class Deferred(_Call):
-    """fn(*args), run by its starter when it chooses (run()), while another thread may already
-    wait for its result(): the collector's event loop does the small maps this way while a
-    native thread reads the biggest."""
-
-    def __init__(self, fn, *args, allocate_lock=_thread.allocate_lock):
-        super().__init__(fn, args)
-        self._finished = allocate_lock()
-        self._finished.acquire()
-
-    def run(self):
-        super().run()
-        self._finished.release()
-
-    def result(self):
-        with self._finished:   # released by run(), and again here for any later taker
-            pass
-        return super().result()
 
 
 def run_here(fn, *args):

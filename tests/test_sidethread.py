@@ -88,6 +88,12 @@ def test_a_deferred_call_runs_when_its_starter_says_and_its_takers_wait_for_it()
         failing.result()
 
 
+def _outcomes_of(body, comm):
+    """{result: count} of `comm`'s tcpmon_connects_total samples in the text `body`."""
+    return {dict(key)["result"]: value for key, value in samples(body, "tcpmon_connects_total").items()
+            if dict(key)["comm"] == comm}
+
+
 def _without_changing_lines(body):
     """The body without what changes from one scrape to the next whatever is read: this
     process's own metrics and the read's duration."""
@@ -116,8 +122,7 @@ def test_a_scrape_on_two_threads_reads_and_renders_what_one_thread_does(loaded_p
                 assert _without_changing_lines(whole) == _without_changing_lines(early)
                 body = whole.decode()
                 assert pid_value(body, proc.pid, proc.comm) == 7 and comm_total(body, proc.comm) == 7
-                results = {dict(key)["result"]: value for key, value in samples(body, "tcpmon_connects_total").items()
-                           if dict(key)["comm"] == comm}
+                results = _outcomes_of(body, comm)
                 assert results["success"] == 3 and results["refused"] == 4
     finally:
         split.close()
@@ -148,8 +153,7 @@ def test_the_work_beside_a_read_sees_the_small_maps_and_hands_its_result_to_the_
         assert seen["maps"] == {maps.COMM_TOTALS.name, maps.OUTCOMES.name, maps.DESTINATIONS.name,
                                 maps.UPDATE_FAILURES.name}, "the early work saw the connects map or missed one"
         assert (seen["grouped"] is None) == fails
-        results = {dict(key)["result"]: value for key, value in samples(body.decode(), "tcpmon_connects_total").items()
-                   if dict(key)["comm"] == comm}
+        results = _outcomes_of(body.decode(), comm)
         assert (results["success"], results["refused"]) == (2, 1)
         assert _without_changing_lines(body) == _without_changing_lines(renderer.render(snapshot))
     finally:
@@ -187,8 +191,7 @@ def test_the_work_beside_a_read_runs_in_the_caller_while_cheap_and_on_the_side_t
         assert where == ["caller", "caller", "caller", "side", "caller"]
         assert here not in read_in and len(set(read_in)) == 1
         for snapshot, body in bodies:
-            results = {dict(key)["result"]: value for key, value in samples(body.decode(), "tcpmon_connects_total").items()
-                       if dict(key)["comm"] == comm}
+            results = _outcomes_of(body.decode(), comm)
             assert (results["success"], results["refused"]) == (2, 1)
             assert _without_changing_lines(body) == _without_changing_lines(renderer.render(snapshot))
     finally:
